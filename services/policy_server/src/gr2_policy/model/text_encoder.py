@@ -1,0 +1,78 @@
+"""Frozen text encoders: instruction strings -> one pooled embedding per string.
+
+``TextEncoder`` is the interface the policy depends on; ``ByteTextEncoder`` is the small
+built-in implementation (UTF-8 bytes, no vocabulary file), so a model is self-contained.
+A CLIP text tower can implement the same interface later.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gr2_policy.model.gpt import INIT_STD, Block, init_transformer_
+
+
+class TextEncoder(nn.Module, ABC):
+    """Maps instructions to embeddings (B, dim). Frozen inside the policy."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Width of the pooled embedding."""
+
+    @abstractmethod
+    def encode(self, texts: list[str]) -> Tensor:
+        """texts (B strings) -> float tensor (B, dim) on the encoder's device."""
+
+
+class ByteTextEncoder(TextEncoder):
+    """UTF-8 byte tokenizer + embedding + small transformer + masked mean pool.
+
+    Token ids: 0 = pad, 1 = BOS (always first, so no sequence is empty), byte b -> b + 2.
+    Sequences are truncated to ``max_len`` tokens (BOS included) and right-padded.
+    """
+
+    PAD, BOS, BYTE_OFFSET = 0, 1, 2
+    VOCAB_SIZE = 256 + BYTE_OFFSET
+
+    def __init__(self, dim: int, n_layers: int, n_heads: int, max_len: int) -> None:
+        super().__init__()
+        self._dim = dim
+        self.max_len = max_len
+        self.embed = nn.Embedding(self.VOCAB_SIZE, dim)
+        self.pos_embed = nn.Parameter(torch.empty(max_len, dim))
+        self.blocks = nn.ModuleList(Block(dim, n_heads) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(dim)
+        init_transformer_(self, n_layers)
+        nn.init.normal_(self.pos_embed, std=INIT_STD)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """ids (B, max_len) long and mask (B, max_len) bool (True = real token), on CPU."""
+        ids = np.full((len(texts), self.max_len), self.PAD, dtype=np.int64)
+        ids[:, 0] = self.BOS
+        for row, text in enumerate(texts):
+            raw = np.frombuffer(text.encode("utf-8")[: self.max_len - 1], dtype=np.uint8)
+            ids[row, 1 : 1 + raw.size] = raw.astype(np.int64) + self.BYTE_OFFSET
+        ids_t = torch.from_numpy(ids)
+        return ids_t, ids_t != self.PAD
+
+    def encode(self, texts: list[str]) -> Tensor:
+        """texts (B strings) -> (B, dim): mean over the real tokens' final states."""
+        ids, mask = self.tokenize(texts)
+        device = self.embed.weight.device
+        ids, mask = ids.to(device), mask.to(device)
+        x = self.embed(ids) + self.pos_embed
+        attn_mask = mask[:, None, None, :]  # padding keys are ignored
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        x = self.norm(x)
+        weights = mask[..., None].to(x.dtype)
+        return (x * weights).sum(dim=1) / weights.sum(dim=1)
