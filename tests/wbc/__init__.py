@@ -1,0 +1,1 @@
+"""Tests of the WBC agent package (gr2_wbc)."""
