@@ -1,0 +1,30 @@
+"""GR-2 Serve Python client (no torch): sync and asyncio clients over the gr2.v1 stubs."""
+
+from gr2_client.aio import AsyncActionStream, AsyncPolicyClient
+from gr2_client.client import PolicyClient
+from gr2_client.convert import (
+    Chunk,
+    ServerDescription,
+    chunk_from_proto,
+    encode_image,
+    make_observation,
+    server_description,
+)
+from gr2_client.errors import ClientError, IncompatibleServerError
+from gr2_client.options import PROTOCOL_VERSION, channel_options
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "AsyncActionStream",
+    "AsyncPolicyClient",
+    "Chunk",
+    "ClientError",
+    "IncompatibleServerError",
+    "PolicyClient",
+    "ServerDescription",
+    "channel_options",
+    "chunk_from_proto",
+    "encode_image",
+    "make_observation",
+    "server_description",
+]

@@ -1,0 +1,91 @@
+"""Synchronous client for the PolicyService."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import grpc
+from gr2.v1 import policy_pb2 as pb
+from gr2.v1 import policy_pb2_grpc as pb_grpc
+
+from gr2_client.convert import ServerDescription, server_description
+from gr2_client.options import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+class PolicyClient:
+    """Blocking client. Use as a context manager or call close().
+
+    target: "host:port". timeout_s applies to unary calls; streams have no deadline.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 10.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.target = target
+        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._stub = pb_grpc.PolicyServiceStub(self._channel)
+        self._metadata = auth_metadata(api_key)
+        self._timeout_s = timeout_s
+
+    def __enter__(self) -> PolicyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        """Block until the channel connects (raises grpc.FutureTimeoutError)."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+
+    def server_info(self) -> ServerDescription:
+        return server_description(self.server_info_proto())
+
+    def server_info_proto(self) -> pb.ServerInfo:
+        return self._stub.GetServerInfo(
+            pb.GetServerInfoRequest(), timeout=self._timeout_s, metadata=self._metadata
+        )
+
+    def start_episode(
+        self, instruction: str, *, robot_id: str = "", idempotency_key: str = ""
+    ) -> str:
+        reply = self._stub.StartEpisode(
+            pb.StartEpisodeRequest(
+                instruction=instruction, robot_id=robot_id, idempotency_key=idempotency_key
+            ),
+            timeout=self._timeout_s,
+            metadata=self._metadata,
+        )
+        return reply.episode_id
+
+    def act(self, observation: pb.Observation) -> pb.TrajectoryChunk:
+        return self._stub.Act(observation, timeout=self._timeout_s, metadata=self._metadata)
+
+    def stream_actions(
+        self, observations: Iterable[pb.Observation]
+    ) -> Iterator[pb.TrajectoryChunk]:
+        """One chunk per observation, in order. The iterator is consumed by gRPC's thread."""
+        return self._stub.StreamActions(iter(observations), metadata=self._metadata)
+
+    def end_episode(
+        self,
+        episode_id: str,
+        outcome: pb.EpisodeOutcome.ValueType = pb.EPISODE_OUTCOME_UNSPECIFIED,
+        note: str = "",
+    ) -> pb.EndEpisodeResponse:
+        return self._stub.EndEpisode(
+            pb.EndEpisodeRequest(episode_id=episode_id, outcome=outcome, note=note),
+            timeout=self._timeout_s,
+            metadata=self._metadata,
+        )
