@@ -1,0 +1,127 @@
+"""Validation and decoding of wire messages into engine inputs.
+
+Every check raises InvalidInputError with a message that names the field and says what was
+expected, so a client can fix its request. Nothing here touches the model.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from gr2.v1 import policy_pb2 as pb
+from PIL import Image as PILImage
+
+from gr2_policy.engine.interface import StepInput, ViewInfo
+from gr2_policy.errors import InvalidInputError
+
+MAX_INSTRUCTION_BYTES = 512
+MAX_ID_BYTES = 128
+MAX_NOTE_BYTES = 1024
+_ENCODING_NAMES = {
+    pb.IMAGE_ENCODING_RAW_RGB8: "RAW_RGB8",
+    pb.IMAGE_ENCODING_JPEG: "JPEG",
+    pb.IMAGE_ENCODING_PNG: "PNG",
+}
+
+
+def check_text(name: str, value: str, max_bytes: int, *, required: bool = False) -> str:
+    if required and not value.strip():
+        raise InvalidInputError(f"{name} is required")
+    if len(value.encode("utf-8")) > max_bytes:
+        raise InvalidInputError(f"{name} is longer than {max_bytes} bytes")
+    if any(ord(c) < 32 and c not in "\t\n" for c in value):
+        raise InvalidInputError(f"{name} contains control characters")
+    return value
+
+
+def decode_image(image: pb.Image, view: ViewInfo) -> np.ndarray:
+    """Decode one Image into an (H, W, 3) uint8 array of exactly the view's size."""
+    where = f"image {view.name!r}"
+    if image.encoding not in _ENCODING_NAMES:
+        raise InvalidInputError(
+            f"{where}: unknown encoding {image.encoding}; use RAW_RGB8, JPEG or PNG"
+        )
+    if (image.width, image.height) != (view.width, view.height):
+        raise InvalidInputError(
+            f"{where}: size {image.width}x{image.height}, the model expects "
+            f"{view.width}x{view.height} (see GetServerInfo)"
+        )
+    if image.encoding == pb.IMAGE_ENCODING_RAW_RGB8:
+        expected = view.width * view.height * 3
+        if len(image.data) != expected:
+            raise InvalidInputError(
+                f"{where}: RAW_RGB8 data has {len(image.data)} bytes, expected "
+                f"{expected} ({view.width}x{view.height}x3)"
+            )
+        return np.frombuffer(image.data, dtype=np.uint8).reshape(view.height, view.width, 3)
+    name = _ENCODING_NAMES[image.encoding]
+    try:
+        with PILImage.open(io.BytesIO(image.data)) as img:
+            if img.format != name:
+                raise InvalidInputError(f"{where}: data is {img.format}, declared {name}")
+            if img.size != (view.width, view.height):
+                raise InvalidInputError(
+                    f"{where}: decoded size {img.size[0]}x{img.size[1]}, expected "
+                    f"{view.width}x{view.height}"
+                )
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except InvalidInputError:
+        raise
+    except (OSError, ValueError, PILImage.DecompressionBombError) as err:
+        raise InvalidInputError(f"{where}: cannot decode {name} data ({err})") from None
+
+
+def _vector(name: str, values: Sequence[float], length: int) -> np.ndarray:
+    if len(values) != length:
+        raise InvalidInputError(f"state.{name} needs {length} values, got {len(values)}")
+    arr = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise InvalidInputError(f"state.{name} contains NaN or infinity")
+    return arr
+
+
+def decode_state(state: pb.RobotState) -> tuple[np.ndarray, np.ndarray, float]:
+    """Return (ee_position (3,), unit ee_quat_wxyz (4,), gripper in [0, 1])."""
+    position = _vector("ee_position", state.ee_position, 3)
+    if np.any(np.abs(position) > 10.0):
+        raise InvalidInputError("state.ee_position is more than 10 m from the base; units are m")
+    quat = _vector("ee_quat_wxyz", state.ee_quat_wxyz, 4)
+    norm = float(np.linalg.norm(quat))
+    if not 0.9 <= norm <= 1.1:
+        raise InvalidInputError(f"state.ee_quat_wxyz must be a unit quaternion (norm {norm:.3g})")
+    if not math.isfinite(state.gripper) or not 0.0 <= state.gripper <= 1.0:
+        raise InvalidInputError(f"state.gripper must be in [0, 1], got {state.gripper}")
+    if len(state.joint_positions) not in (0, 7):
+        raise InvalidInputError(
+            f"state.joint_positions needs 0 or 7 values, got {len(state.joint_positions)}"
+        )
+    if not all(math.isfinite(v) for v in state.joint_positions):
+        raise InvalidInputError("state.joint_positions contains NaN or infinity")
+    return position, quat / norm, float(state.gripper)
+
+
+def decode_observation(obs: pb.Observation, views: Sequence[ViewInfo]) -> StepInput:
+    """Validate an Observation against the served views; return the engine's StepInput."""
+    if not math.isfinite(obs.capture_time_s):
+        raise InvalidInputError("capture_time_s must be finite")
+    by_name = {view.name: view for view in views}
+    images: dict[str, np.ndarray] = {}
+    for image in obs.images:
+        view = by_name.get(image.view)
+        if view is None:
+            raise InvalidInputError(
+                f"unknown view {image.view!r}; the model expects {sorted(by_name)}"
+            )
+        if image.view in images:
+            raise InvalidInputError(f"view {image.view!r} sent twice")
+        images[image.view] = decode_image(image, view)
+    missing = [name for name in by_name if name not in images]
+    if missing:
+        raise InvalidInputError(f"missing image(s) for view(s) {missing}")
+    if not obs.HasField("state"):
+        raise InvalidInputError("state is required")
+    position, quat, gripper = decode_state(obs.state)
+    return StepInput(images=images, ee_position=position, ee_quat_wxyz=quat, gripper=gripper)

@@ -1,0 +1,124 @@
+"""`gr2-policy-server`: serve the policy, write a checkpoint, describe a model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from gr2_policy.errors import CheckpointError
+from gr2_policy.logs import configure_logging
+from gr2_policy.settings import ServerSettings
+
+# CLI flag -> settings field; each flag overrides its GR2_* environment variable.
+_SERVE_FLAGS = {
+    "--host": ("host", str),
+    "--grpc-port": ("grpc_port", int),
+    "--http-port": ("http_port", int),
+    "--redis-url": ("redis_url", str),
+    "--checkpoint": ("checkpoint", Path),
+    "--preset": ("preset", str),
+    "--seed": ("seed", int),
+    "--device": ("device", str),
+    "--torch-threads": ("torch_threads", int),
+    "--replica": ("replica", str),
+    "--log-level": ("log_level", str),
+}
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    overrides = {
+        field: getattr(args, flag.lstrip("-").replace("-", "_"))
+        for flag, (field, _) in _SERVE_FLAGS.items()
+        if getattr(args, flag.lstrip("-").replace("-", "_")) is not None
+    }
+    settings = ServerSettings(**overrides)
+    configure_logging(settings.log_level, settings.log_json)
+    from gr2_policy.server import serve
+
+    try:
+        asyncio.run(serve(settings))
+    except CheckpointError as err:
+        print(f"gr2-policy-server: cannot load checkpoint: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"gr2-policy-server: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_init_checkpoint(args: argparse.Namespace) -> int:
+    from gr2_policy.model.checkpoint import init_random_policy, model_hash, save_checkpoint
+
+    model = init_random_policy(args.preset, seed=args.seed)
+    save_checkpoint(model, args.out)
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(args.out),
+                "preset": args.preset,
+                "seed": args.seed,
+                "model_version": model_hash(model),
+            }
+        )
+    )
+    return 0
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    from gr2_policy.model.checkpoint import count_parameters, init_random_policy, load_checkpoint
+
+    try:
+        if args.checkpoint is not None:
+            model = load_checkpoint(args.checkpoint)
+        else:
+            model = init_random_policy(args.preset, seed=0)
+    except CheckpointError as err:
+        print(f"gr2-policy-server: {err}", file=sys.stderr)
+        return 2
+    print(
+        json.dumps(
+            {"config": model.config.to_dict(), "parameters": count_parameters(model)}, indent=2
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gr2-policy-server", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve gRPC + HTTP (defaults: 127.0.0.1, gRPC 50051, HTTP 8000)",
+        description="Each flag overrides the matching GR2_* environment variable.",
+    )
+    for flag, (field, kind) in _SERVE_FLAGS.items():
+        doc = ServerSettings.model_fields[field].description
+        env = f"GR2_{field.upper()}"
+        serve.add_argument(flag, type=kind, default=None, help=f"{doc} (env {env})")
+    serve.set_defaults(func=_cmd_serve)
+
+    init = sub.add_parser("init-checkpoint", help="write randomly initialised weights")
+    init.add_argument("--preset", default="gr2-tiny")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--out", type=Path, required=True, help="directory to write")
+    init.set_defaults(func=_cmd_init_checkpoint)
+
+    describe = sub.add_parser("describe", help="print config and parameter counts as JSON")
+    group = describe.add_mutually_exclusive_group()
+    group.add_argument("--preset", default="gr2-tiny")
+    group.add_argument("--checkpoint", type=Path)
+    describe.set_defaults(func=_cmd_describe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Server settings: environment variables with the GR2_ prefix, overridable by CLI flags."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """Everything `gr2-policy-server serve` can be told. Defaults serve locally only."""
+
+    model_config = SettingsConfigDict(env_prefix="GR2_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="address to bind gRPC and HTTP to")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = any free port)")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port: REST, /metrics, health")
+    redis_url: str | None = Field(None, description="redis://... episode store; unset = in-process")
+    checkpoint: Path | None = Field(
+        None, description="directory with config.json + model.safetensors"
+    )
+    preset: str = Field("gr2-tiny", description="preset for random weights when no checkpoint")
+    seed: int = Field(0, description="seed of the random weights used when no checkpoint")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0 = torch default)")
+    max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="gRPC message limit")
+    replica: str = Field(default_factory=socket.gethostname, description="name of this replica")
+    episode_ttl_s: float = Field(86400.0, gt=0, description="episode state TTL in the store")
+    log_level: str = Field("info", description="debug, info, warning, error")
+    log_json: bool = Field(True, description="JSON log lines (false: human-readable)")
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        return None if value == "" else value

@@ -1,0 +1,247 @@
+"""`gr2-wbc-agent`: the edge whole-body-control agent.
+
+`run` connects to a policy server, checks that the served views match the robot's cameras,
+starts an episode, and tracks the streamed trajectory chunks with the 200 Hz IK-QP loop until
+the requested number of control steps is done (plus a short settle), then ends the episode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from gr2_client import ClientError, PolicyClient
+
+from gr2_wbc.control.trajectory import TrajectoryBuffer
+from gr2_wbc.controller import default_ik
+from gr2_wbc.link import PolicyLink
+from gr2_wbc.loop import ControlLoop, LoopConfig
+from gr2_wbc.metrics import WBCMetrics, start_metrics_server
+from gr2_wbc.settings import AgentSettings
+
+
+def log(message: str) -> None:
+    print(f"[gr2-wbc-agent] {message}", file=sys.stderr, flush=True)
+
+
+def make_robot(kind: str, seed: int):  # type: ignore[no-untyped-def]
+    if kind == "sim":
+        from gr2_wbc.robots.sim.backend import MujocoGen3
+
+        return MujocoGen3(seed=seed)
+    raise SystemExit(f"robot backend {kind!r} is not available in this version; use --robot sim")
+
+
+def camera_size(views: tuple[tuple[str, int, int], ...]) -> tuple[int, int]:
+    sizes = {(w, h) for _, w, h in views}
+    if len(sizes) != 1:
+        raise ClientError(f"views of different sizes are not supported yet: {views}")
+    return sizes.pop()
+
+
+def _stop_after_link(
+    link: PolicyLink, loop: ControlLoop, stop: threading.Event, settle_ticks: int
+) -> None:
+    """Once the episode's last chunk arrived, let the arm execute it, then stop the loop."""
+    link.finished.wait()
+    target = loop.ticks + settle_ticks
+    while loop.ticks < target and not stop.is_set():
+        time.sleep(0.01)
+    stop.set()
+
+
+def summarise(
+    args: argparse.Namespace, link: PolicyLink, loop: ControlLoop, video: Path | None
+) -> dict[str, Any]:
+    stats = loop.stats()
+    start = np.asarray(stats["initial_tool_position"] or [np.nan] * 3)
+    end = np.asarray(stats["final_tool_position"] or [np.nan] * 3)
+    q0 = np.asarray(stats["initial_q"] or [np.nan] * 7)
+    q1 = np.asarray(stats["final_q"] or [np.nan] * 7)
+    return {
+        "episode_id": link.report.episode_id,
+        "instruction": args.instruction,
+        "server": args.server,
+        "robot": args.robot,
+        "steps": link.report.steps,
+        "requested_steps": args.steps,
+        "error": link.report.error,
+        "chunk_latency": link.report.latency_summary(),
+        "loop": {
+            "rate_hz": loop.config.rate_hz,
+            "realtime": loop.config.realtime,
+            "ticks": stats["ticks"],
+            "deadline_misses": stats["deadline_misses"],
+            "period_p50_s": stats["loop_period_p50_s"],
+            "period_p99_s": stats["loop_period_p99_s"],
+            "period_max_s": stats["loop_period_max_s"],
+            "tick_compute_p50_s": stats["tick_compute_p50_s"],
+            "tick_compute_p99_s": stats["tick_compute_p99_s"],
+            "qp_solve_p50_s": stats["qp_solve_p50_s"],
+            "qp_solve_p99_s": stats["qp_solve_p99_s"],
+            "qp_failures": stats["qp_failures"],
+            "render_p50_s": stats["render_p50_s"],
+            "max_tracking_error_m": stats["max_tracking_error_m"],
+        },
+        "initial_q": stats["initial_q"],
+        "final_q": stats["final_q"],
+        "joint_motion_rad": float(np.abs(q1 - q0).max()),
+        "initial_tool_position": stats["initial_tool_position"],
+        "final_tool_position": stats["final_tool_position"],
+        "tool_displacement_m": float(np.linalg.norm(end - start)),
+        "q_min_seen": stats["q_min_seen"],
+        "q_max_seen": stats["q_max_seen"],
+        "qd_max_abs_seen": stats["qd_max_abs_seen"],
+        "qd_cmd_max_abs": stats["qd_cmd_max_abs"],
+        "video": str(video) if video else None,
+        "video_frames": stats["video_frames"],
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = AgentSettings()
+    server = args.server or settings.server
+    args.server = server
+    rate_hz = args.rate_hz or settings.rate_hz
+    metrics_port = settings.metrics_port if args.metrics_port is None else args.metrics_port
+    robot = make_robot(args.robot, args.seed)
+    try:
+        with PolicyClient(server, api_key=settings.api_key) as client:
+            info = client.server_info()
+        info.check_compatible(robot.camera_names)
+        width, height = camera_size(info.views)
+    except grpc.RpcError as err:
+        log(f"cannot reach the policy server at {server}: {err.code().name}: {err.details()}")
+        robot.close()
+        return 2
+    except ClientError as err:
+        log(f"incompatible server: {err}")
+        robot.close()
+        return 2
+    log(
+        f"server {server}: {info.model_name} {info.model_version} ({info.preset}), "
+        f"views {[v[0] for v in info.views]} {width}x{height}, k={info.action_horizon}"
+    )
+
+    metrics = WBCMetrics()
+    if metrics_port:
+        start_metrics_server(metrics.registry, settings.metrics_host, metrics_port)
+        log(f"metrics on http://{settings.metrics_host}:{metrics_port}/metrics")
+    config = LoopConfig(
+        rate_hz=rate_hz,
+        realtime=not args.no_realtime,
+        observation_period_s=args.observation_period or settings.observation_period_s,
+        camera_width=width,
+        camera_height=height,
+        video_fps=args.video_fps if args.video else 0.0,
+    )
+    buffer = TrajectoryBuffer()
+    loop = ControlLoop(robot, buffer, default_ik(rate_hz), config, metrics)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    link = PolicyLink(
+        server,
+        args.instruction,
+        loop.observations,
+        buffer,
+        max_steps=args.steps,
+        robot_id=args.robot_id,
+        api_key=settings.api_key,
+        stop=stop,
+    )
+    link.start()
+    settle_ticks = int(args.settle * rate_hz)
+    threading.Thread(
+        target=_stop_after_link, args=(link, loop, stop, settle_ticks), daemon=True
+    ).start()
+    max_duration = args.steps * config.observation_period_s * 4 + args.settle + 30.0
+    log(f"running {args.steps} steps of {args.instruction!r} at {rate_hz:g} Hz")
+    try:
+        loop.run(stop, max_duration_s=max_duration)
+    finally:
+        stop.set()
+        link.join(timeout=15)
+    video = None
+    if args.video:
+        args.video.parent.mkdir(parents=True, exist_ok=True)
+        video = loop.write_video(args.video)
+        log(f"video: {video}")
+    summary = summarise(args, link, loop, video)
+    robot.close()
+    if args.summary:
+        args.summary.parent.mkdir(parents=True, exist_ok=True)
+        args.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    lat = summary["chunk_latency"]
+    if lat:
+        log(
+            f"episode {summary['episode_id']}: {summary['steps']} steps, round trip p50 "
+            f"{lat['round_trip_p50_s'] * 1e3:.1f} ms p99 {lat['round_trip_p99_s'] * 1e3:.1f} ms, "
+            f"{summary['loop']['deadline_misses']} deadline misses"
+        )
+    if link.report.error is not None:
+        log(f"episode failed: {link.report.error}")
+        return 1
+    if link.report.steps < args.steps:
+        log(f"stopped after {link.report.steps} of {args.steps} steps")
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gr2-wbc-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one episode against a policy server")
+    run.add_argument(
+        "--server", default=None, help="HOST:PORT (env GR2_WBC_SERVER, default localhost:50051)"
+    )
+    run.add_argument("--robot", choices=["sim", "kortex"], default="sim")
+    run.add_argument("--instruction", required=True, help="language instruction")
+    run.add_argument("--steps", type=int, default=50, help="control steps (observations)")
+    run.add_argument("--robot-id", default="", help="robot name recorded with the episode")
+    run.add_argument("--seed", type=int, default=0, help="sim scene seed")
+    run.add_argument("--rate-hz", type=float, default=None, help="loop rate (default 200)")
+    run.add_argument(
+        "--observation-period",
+        type=float,
+        default=None,
+        help="seconds between observations (default 0.2)",
+    )
+    run.add_argument(
+        "--settle", type=float, default=1.0, help="seconds to keep tracking after the last chunk"
+    )
+    run.add_argument(
+        "--no-realtime",
+        action="store_true",
+        help="run the simulation as fast as possible (same controller logic)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="/metrics port (env GR2_WBC_METRICS_PORT, default 9102; 0: off)",
+    )
+    run.add_argument("--video", type=Path, default=None, help="write an MP4 of both cameras")
+    run.add_argument("--video-fps", type=float, default=10.0)
+    run.add_argument("--summary", type=Path, default=None, help="write a JSON summary")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.steps < 1:
+        raise SystemExit("--steps must be at least 1")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The link to the policy server: streams observations, feeds chunks to the trajectory buffer.
+
+Runs its own asyncio loop in a background thread so the 200 Hz control loop never waits on
+the network. Chunk waypoint times are converted to the robot's clock using the capture time
+of the observation they answer (never by comparing the two machines' wall clocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from gr2.v1 import policy_pb2 as pb
+from gr2_client import AsyncPolicyClient, chunk_from_proto, make_observation
+
+from gr2_wbc.control.trajectory import TrajectoryBuffer
+from gr2_wbc.loop import ObservationSample
+
+OUTCOMES = {
+    "unspecified": pb.EPISODE_OUTCOME_UNSPECIFIED,
+    "success": pb.EPISODE_OUTCOME_SUCCESS,
+    "failure": pb.EPISODE_OUTCOME_FAILURE,
+    "aborted": pb.EPISODE_OUTCOME_ABORTED,
+}
+
+
+@dataclass
+class LinkReport:
+    """What the link saw during one episode."""
+
+    episode_id: str = ""
+    steps: int = 0
+    round_trip_s: list[float] = field(default_factory=list)
+    server_compute_s: list[float] = field(default_factory=list)
+    server_queue_s: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    def latency_summary(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, values in (
+            ("round_trip", self.round_trip_s),
+            ("server_compute", self.server_compute_s),
+            ("server_queue", self.server_queue_s),
+        ):
+            if values:
+                arr = np.asarray(values)
+                for q in (50, 90, 99):
+                    out[f"{name}_p{q}_s"] = float(np.percentile(arr, q))
+                out[f"{name}_max_s"] = float(arr.max())
+        return out
+
+
+class PolicyLink(threading.Thread):
+    """Background thread: one episode over StreamActions, up to ``max_steps`` steps."""
+
+    def __init__(
+        self,
+        target: str,
+        instruction: str,
+        observations: queue.Queue[ObservationSample],
+        buffer: TrajectoryBuffer,
+        *,
+        max_steps: int,
+        robot_id: str = "",
+        api_key: str | None = None,
+        stop: threading.Event,
+    ) -> None:
+        super().__init__(name="gr2-policy-link", daemon=True)
+        self.target = target
+        self.instruction = instruction
+        self.observations = observations
+        self.buffer = buffer
+        self.max_steps = max_steps
+        self.robot_id = robot_id
+        self.api_key = api_key
+        self.stop_event = stop
+        self.finished = threading.Event()
+        self.report = LinkReport()
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._episode())
+        except Exception as err:  # noqa: BLE001 - reported to the caller, not swallowed
+            self.report.error = f"{type(err).__name__}: {err}"
+        finally:
+            self.finished.set()
+
+    async def _next_observation(self) -> ObservationSample | None:
+        while not self.stop_event.is_set():
+            try:
+                return await asyncio.to_thread(self.observations.get, True, 0.25)
+            except queue.Empty:
+                continue
+        return None
+
+    async def _episode(self) -> None:
+        async with AsyncPolicyClient(self.target, api_key=self.api_key) as client:
+            episode_id = await client.start_episode(self.instruction, robot_id=self.robot_id)
+            self.report.episode_id = episode_id
+            stream = client.open_stream()
+            outcome = "unspecified"
+            try:
+                while self.report.steps < self.max_steps:
+                    sample = await self._next_observation()
+                    if sample is None:
+                        outcome = "aborted"
+                        break
+                    await self._step(stream, episode_id, sample)
+                await stream.close()
+            except BaseException:
+                stream.cancel()
+                outcome = "aborted"
+                raise
+            finally:
+                await client.end_episode(episode_id, OUTCOMES[outcome])
+
+    async def _step(self, stream, episode_id: str, sample: ObservationSample) -> None:  # type: ignore[no-untyped-def]
+        seq = self.report.steps
+        state = sample.state
+        obs = make_observation(
+            episode_id,
+            seq,
+            sample.images,
+            state.ee_position,
+            state.ee_quat_wxyz,
+            float(np.clip(state.gripper, 0.0, 1.0)),
+            capture_time_s=sample.capture_time_s,
+            joint_positions=state.q,
+        )
+        t0 = time.perf_counter()
+        chunk = chunk_from_proto(await stream.step(obs))
+        self.report.round_trip_s.append(time.perf_counter() - t0)
+        self.report.server_compute_s.append(chunk.compute_time_s)
+        self.report.server_queue_s.append(chunk.queue_time_s)
+        if chunk.seq != seq:
+            raise RuntimeError(f"chunk answers seq {chunk.seq}, expected {seq}")
+        self.buffer.add_chunk(
+            seq,
+            sample.capture_time_s + chunk.time_offsets_s,
+            chunk.positions,
+            chunk.quats_wxyz,
+            chunk.grippers,
+        )
+        self.report.steps = seq + 1

@@ -1,0 +1,88 @@
+"""Start the real policy server as a process and wait until it is ready."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.support.processes import child_env, free_port, script_path, stop_process
+
+
+@dataclass
+class PolicyServer:
+    grpc_port: int
+    http_port: int
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def wait_ready(server: PolicyServer, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(
+                f"policy server exited with {server.proc.returncode}:\n{server.log_text()}"
+            )
+        try:
+            if httpx.get(f"{server.http_url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"policy server not ready after {timeout_s} s:\n{server.log_text()}")
+
+
+@contextmanager
+def run_policy_server(
+    workdir: Path,
+    *,
+    redis_url: str | None = None,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Iterator[PolicyServer]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    grpc_port, http_port = free_port(), free_port()
+    args = [
+        script_path("gr2-policy-server"),
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        str(http_port),
+        *extra_args,
+    ]
+    if redis_url:
+        args += ["--redis-url", redis_url]
+    log_path = workdir / f"policy-server-{grpc_port}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(GR2_TORCH_THREADS="1", **(env or {})),
+        )
+    server = PolicyServer(grpc_port, http_port, proc, log_path)
+    try:
+        wait_ready(server)
+        yield server
+    finally:
+        stop_process(proc)
