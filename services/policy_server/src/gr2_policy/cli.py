@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from gr2_policy.errors import CheckpointError
 from gr2_policy.logs import configure_logging
 from gr2_policy.settings import ServerSettings
@@ -34,7 +36,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         for flag, (field, _) in _SERVE_FLAGS.items()
         if getattr(args, flag.lstrip("-").replace("-", "_")) is not None
     }
-    settings = ServerSettings(**overrides)
+    try:
+        settings = ServerSettings(**overrides)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+            for e in err.errors()
+        )
+        print(f"gr2-policy-server: invalid settings: {problems}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_json)
     from gr2_policy.server import serve
 

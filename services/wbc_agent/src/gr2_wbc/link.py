@@ -8,11 +8,13 @@ of the observation they answer (never by comparing the two machines' wall clocks
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 from gr2.v1 import policy_pb2 as pb
 from gr2_client import AsyncPolicyClient, chunk_from_proto, make_observation
@@ -113,10 +115,11 @@ class PolicyLink(threading.Thread):
                 await stream.close()
             except BaseException:
                 stream.cancel()
-                outcome = "aborted"
+                # Best effort: the original failure is what gets reported.
+                with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
+                    await client.end_episode(episode_id, OUTCOMES["aborted"])
                 raise
-            finally:
-                await client.end_episode(episode_id, OUTCOMES[outcome])
+            await client.end_episode(episode_id, OUTCOMES[outcome])
 
     async def _step(self, stream, episode_id: str, sample: ObservationSample) -> None:  # type: ignore[no-untyped-def]
         seq = self.report.steps

@@ -1,0 +1,78 @@
+"""The command-line tools fail clearly (exit code + a message a user can act on, no
+traceback) when the server is unreachable or a checkpoint is broken, and work when it is
+there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support.processes import child_env, free_port, script_path
+from tests.support.servers import run_policy_server
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args), capture_output=True, text=True, timeout=timeout, env=child_env()
+    )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert needle in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_gr2_info_without_a_server() -> None:
+    result = run(script_path("gr2"), "--server", f"127.0.0.1:{free_port()}", "info")
+    assert_clean_failure(result, "UNAVAILABLE")
+
+
+def test_agent_without_a_server() -> None:
+    result = run(
+        script_path("gr2-wbc-agent"), "run", "--server", f"127.0.0.1:{free_port()}",
+        "--instruction", "touch the red block", "--metrics-port", "0",
+    )  # fmt: skip
+    assert_clean_failure(result, "cannot reach the policy server")
+
+
+def test_agent_refuses_a_backend_it_does_not_have() -> None:
+    result = run(script_path("gr2-wbc-agent"), "run", "--robot", "kortex", "--instruction", "x")
+    assert result.returncode != 0
+    assert "--robot sim" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_with_a_broken_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{not json")
+    result = run(
+        script_path("gr2-policy-server"), "serve", "--checkpoint", str(tmp_path),
+        "--grpc-port", str(free_port()), "--http-port", str(free_port()),
+    )  # fmt: skip
+    assert_clean_failure(result, "cannot load checkpoint")
+
+
+def test_init_checkpoint_then_serve_and_describe(tmp_path: Path) -> None:
+    out = tmp_path / "ckpt"
+    made = run(script_path("gr2-policy-server"), "init-checkpoint", "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    version = json.loads(made.stdout)["model_version"]
+    described = json.loads(
+        run(script_path("gr2-policy-server"), "describe", "--checkpoint", str(out)).stdout
+    )
+    assert described["config"]["preset"] == "gr2-tiny"
+    parts = described["parameters"]
+    assert parts["total"] == sum(v for k, v in parts.items() if k not in ("total", "trainable"))
+    with run_policy_server(tmp_path, extra_args=("--checkpoint", str(out))) as server:
+        info = run(script_path("gr2"), "--server", server.grpc_target, "info", "--json")
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["model_version"] == version
+
+
+@pytest.mark.parametrize("flag", ["--grpc-port", "--http-port"])
+def test_serve_rejects_an_invalid_port(flag: str) -> None:
+    result = run(script_path("gr2-policy-server"), "serve", flag, "70000")
+    assert_clean_failure(result, "invalid settings")
+    assert "70000" in result.stderr
