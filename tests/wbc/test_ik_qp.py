@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from gr2_wbc.control.ik_qp import (
     IKQP,
+    AccelerationLimit,
     DampingTask,
     JointPositionLimit,
     PoseTask,
@@ -107,6 +108,46 @@ def test_velocity_limit_alone_is_respected_and_active() -> None:
     assert res.solved
     assert np.all(np.abs(res.qd) <= limits + 1e-6)
     assert np.isclose(np.abs(res.qd).max(), 0.2, atol=1e-5)  # the box is what stopped it
+
+
+def test_acceleration_limit_alone_bounds_the_change_per_tick() -> None:
+    pose = PoseTask()
+    accel = AccelerationLimit(np.full(7, 8.0))
+    ik = IKQP([pose, DampingTask(1e-4)], [accel], DT)
+    pose.set_target_twist(np.array([0.5, 0.0, -0.3, 0.0, 0.0, 1.0]))
+    free = IKQP([PoseTask(), DampingTask(1e-4)], [], DT)
+    free.find_task(PoseTask).set_target_twist(pose.target_twist)
+    unconstrained = free.solve(gen3.HOME_Q).qd
+    assert np.abs(unconstrained).max() > 8.0 * DT * 10  # the task asks for far more
+    previous = np.zeros(7)
+    for _ in range(5):  # from rest, each tick may change qd by at most a_max * dt
+        res = ik.solve(gen3.HOME_Q)
+        assert res.solved
+        assert np.all(np.abs(res.qd - previous) <= 8.0 * DT + 1e-6)
+        assert np.abs(res.qd - previous).max() == pytest.approx(8.0 * DT, abs=1e-5)
+        ik.note_command(res.qd)
+        previous = res.qd
+    with pytest.raises(ValueError):
+        AccelerationLimit(np.zeros(7))
+
+
+def test_acceleration_bound_yields_to_the_joint_position_limit() -> None:
+    """Moving fast toward J4's limit, just short of it: keeping the acceleration bound would
+    cross the limit (infeasible), so the bound is relaxed and the position limit holds."""
+    pose = PoseTask()
+    accel = AccelerationLimit(np.full(7, 8.0))
+    position = JointPositionLimit()
+    ik = IKQP([pose, DampingTask(1e-4)], [VelocityLimit(), accel, position], DT)
+    q = gen3.HOME_Q.copy()
+    q[3] = gen3.JOINT_UPPER[3] - 0.002
+    previous = np.zeros(7)
+    previous[3] = 1.2  # rad/s toward the upper limit
+    ik.note_command(previous)
+    res = ik.solve(q)
+    assert res.solved and "acceleration bound relaxed" in res.status
+    assert q[3] + res.qd[3] * DT <= gen3.JOINT_UPPER[3] + 1e-9
+    accel.note_command(res.qd)
+    assert not accel.relaxed  # only for that one retry
 
 
 def test_joint_position_limit_alone_stops_at_the_limit() -> None:

@@ -88,6 +88,8 @@ def summarise(
             "qp_solve_p50_s": stats["qp_solve_p50_s"],
             "qp_solve_p99_s": stats["qp_solve_p99_s"],
             "qp_failures": stats["qp_failures"],
+            "qp_last_failure": stats["qp_last_failure"],
+            "qp_relaxations": stats["qp_relaxations"],
             "render_p50_s": stats["render_p50_s"],
             "max_tracking_error_m": stats["max_tracking_error_m"],
         },

@@ -159,6 +159,8 @@ class ControlLoop:
         self.ticks = 0
         self.deadline_misses = 0
         self.qp_failures = 0
+        self.qp_last_failure: str | None = None
+        self.qp_relaxations = 0
         self.observations_produced = 0
         self.max_tracking_error_m = 0.0
         self.last_tracking_error_m = math.nan
@@ -294,6 +296,9 @@ class ControlLoop:
             self._qp.push(result.solve_time_s)
             if not result.solved:
                 self.qp_failures += 1
+                self.qp_last_failure = result.status
+            elif "relaxed" in result.status:
+                self.qp_relaxations += 1
             qd = result.qd
             q_cmd = q + qd * self.dt
             self._gripper_cmd = sample.gripper
@@ -305,6 +310,7 @@ class ControlLoop:
                 self.metrics.tracking_error.set(err)
                 self.metrics.chunk_age.set(sample.chunk_age_s)
         np.maximum(self.qd_cmd_max_abs, np.abs(qd), out=self.qd_cmd_max_abs)
+        self.ik.note_command(qd)
         self.backend.send_command(q_cmd, qd, self._gripper_cmd)
         compute = time.perf_counter() - t0
         self._compute.push(compute)
@@ -426,6 +432,8 @@ class ControlLoop:
             "deadline_misses": self.deadline_misses,
             "loop_period_max_s": float(periods.max()) if periods.size else math.nan,
             "qp_failures": self.qp_failures,
+            "qp_last_failure": self.qp_last_failure,
+            "qp_relaxations": self.qp_relaxations,
             "qp_solves": self._qp.count,
             "max_tracking_error_m": self.max_tracking_error_m,
             "last_tracking_error_m": self.last_tracking_error_m,

@@ -13,6 +13,7 @@ Variables: joint velocities ``qd`` [rad/s], shape (7,).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -144,6 +145,47 @@ class VelocityLimit:
         return self._A, -self.limits, self.limits
 
 
+# OSQP treats bounds beyond its OSQP_INFTY (1e30) as infinite.
+_RELAXED_BOUND = 1e30
+
+
+class AccelerationLimit:
+    """Bounds the change of the command per tick: ``|qd - qd_prev| <= a_max dt``.
+
+    ``qd_prev`` is the last velocity actually commanded, reported through
+    :meth:`IKQP.note_command` (the loop does this every tick, also when it holds or falls
+    back). Without it a jump in the commanded velocity makes the joint servos overshoot the
+    velocity limit (11 % measured in the sim).
+
+    Args:
+        limits: acceleration limits [rad/s^2], shape (7,).
+    """
+
+    def __init__(self, limits: np.ndarray) -> None:
+        self.limits = np.array(limits, dtype=float)
+        if np.any(self.limits <= 0.0):
+            raise ValueError("acceleration limits must be positive")
+        self.n_constraints = self.limits.shape[0]
+        self.previous = np.zeros(self.n_constraints)
+        self.relaxed = False  # set by IKQP.solve for one retry when the QP is infeasible
+        self._A = np.eye(self.n_constraints)
+        self._wide = np.full(self.n_constraints, _RELAXED_BOUND)
+
+    def note_command(self, qd: np.ndarray) -> None:
+        """Record the velocity commanded this tick [rad/s], shape (7,)."""
+        self.previous[:] = qd
+
+    def compute_qp_inequalities(
+        self, q: np.ndarray, dt: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(A = I, l = qd_prev - a_max dt, u = qd_prev + a_max dt)``; unbounded while
+        ``relaxed``."""
+        if self.relaxed:
+            return self._A, -self._wide, self._wide
+        step = self.limits * dt
+        return self._A, self.previous - step, self.previous + step
+
+
 class JointPositionLimit:
     """Damped joint position limits: ``(q_min - q) g / dt <= qd <= (q_max - q) g / dt``.
 
@@ -273,6 +315,14 @@ class IKQP:
                 return task
         raise LookupError(f"no {kind.__name__} in this IKQP")
 
+    def note_command(self, qd: np.ndarray) -> None:
+        """Tell stateful limits (e.g. :class:`AccelerationLimit`) the velocity commanded this
+        tick [rad/s], shape (7,)."""
+        for limit in self.limits:
+            note = getattr(limit, "note_command", None)
+            if note is not None:
+                note(qd)
+
     def build(self, q: np.ndarray) -> QPMatrices:
         """Stack all tasks and limits at joint positions ``q`` [rad] (7,)."""
         q = np.asarray(q, dtype=float)
@@ -312,7 +362,28 @@ class IKQP:
         self._solver.setup(p_csc, qp.c, a_csc, qp.l, qp.u, **self._settings)
 
     def solve(self, q: np.ndarray) -> IKResult:
-        """Build at ``q`` [rad] (7,) and solve; a failed solve returns zero velocity."""
+        """Build at ``q`` [rad] (7,) and solve; a failed solve returns zero velocity.
+
+        When the problem is infeasible and a limit can yield (``AccelerationLimit``: comfort,
+        not safety), it is relaxed and the problem solved once more; the status then says so.
+        """
+        result = self._solve_once(q)
+        yielding = [lim for lim in self.limits if isinstance(lim, AccelerationLimit)]
+        if result.solved or not yielding:
+            return result
+        for lim in yielding:
+            lim.relaxed = True
+        try:
+            retry = self._solve_once(q)
+        finally:
+            for lim in yielding:
+                lim.relaxed = False
+        status = f"{retry.status} (acceleration bound relaxed after {result.status})"
+        return dataclasses.replace(
+            retry, status=status, solve_time_s=result.solve_time_s + retry.solve_time_s
+        )
+
+    def _solve_once(self, q: np.ndarray) -> IKResult:
         qp = self.build(q)
         t0 = time.perf_counter()
         if self._solver is None:
