@@ -15,6 +15,7 @@ from typing import Any
 RAW_STATE_DIM = 8
 # Encoded state / action per step: position (3) + 6-D rotation (6) + gripper (1).
 ENCODED_STATE_DIM = 10
+TEXT_ENCODERS = ("byte", "clip")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class GR2Config:
     codebook_size: int = 512
     codebook_dim: int = 64
     vq_channels: int = 32  # width of the first VQ conv stage
+    # Width multiplier per resolution level, one per level: log2(vq_downsample) + 1 entries.
+    vq_channel_mult: tuple[int, ...] = (1, 2, 2, 4)
+    vq_res_blocks: int = 1  # residual blocks per level (the decoder has one more)
+    vq_attention: bool = True  # a self-attention block at the lowest resolution
     # The GPT backbone (trainable).
     d_model: int = 128
     n_layers: int = 4
@@ -45,15 +50,20 @@ class GR2Config:
     action_head_layers: int = 2
     action_head_heads: int = 4
     action_position_scale_m: float = 0.1  # metres per unit of raw position output
-    # The frozen text encoder (built-in byte-level transformer).
-    text_max_len: int = 64  # bytes, including the BOS token
-    text_dim: int = 128
+    # The frozen text encoder: "byte" (built-in byte-level transformer) or "clip" (CLIP's
+    # text tower, weights loaded from a local directory).
+    text_encoder: str = "byte"
+    text_max_len: int = 64  # tokens, including BOS (and EOS for clip)
+    text_dim: int = 128  # transformer width
     text_layers: int = 2
     text_heads: int = 4
+    text_vocab_size: int = 258  # byte: 256 bytes + PAD + BOS; clip: the BPE vocabulary
+    text_embed_dim: int = 128  # pooled output width (CLIP's text_projection)
 
     def __post_init__(self) -> None:
-        if isinstance(self.views, list):  # JSON gives lists; keep the dataclass hashable
-            object.__setattr__(self, "views", tuple(self.views))
+        for name in ("views", "vq_channel_mult"):  # JSON gives lists; keep it hashable
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         problems = []
         if not self.views or len(set(self.views)) != len(self.views):
             problems.append(f"views must be distinct and non-empty, got {self.views}")
@@ -62,6 +72,21 @@ class GR2Config:
             problems.append(
                 f"vq_downsample ({f}) must be a power of two dividing image_size "
                 f"({self.image_size})"
+            )
+        elif len(self.vq_channel_mult) != f.bit_length():
+            problems.append(
+                f"vq_channel_mult needs log2(vq_downsample) + 1 = {f.bit_length()} entries, "
+                f"got {len(self.vq_channel_mult)}"
+            )
+        if self.text_encoder not in TEXT_ENCODERS:
+            problems.append(
+                f"text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}"
+            )
+        elif self.text_encoder == "byte" and (
+            self.text_vocab_size != 258 or self.text_embed_dim != self.text_dim
+        ):
+            problems.append(
+                "the byte text encoder needs text_vocab_size 258, text_embed_dim = text_dim"
             )
         for dim, heads, name in (
             (self.d_model, self.n_heads, "d_model"),
@@ -74,7 +99,14 @@ class GR2Config:
             problems.append("d_model / n_heads must be even for RoPE")
         if self.state_dim != RAW_STATE_DIM:
             problems.append(f"state_dim must be {RAW_STATE_DIM} (pos3 + quat4 + gripper1)")
-        for name in ("history", "action_horizon", "n_layers", "codebook_size", "text_max_len"):
+        for name in (
+            "history",
+            "action_horizon",
+            "n_layers",
+            "codebook_size",
+            "text_max_len",
+            "vq_res_blocks",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         if self.waypoint_dt_s <= 0 or self.action_position_scale_m <= 0:
@@ -97,6 +129,16 @@ class GR2Config:
         """P: tokens per timestep, [LANG] + V*N image tokens + [STATE]."""
         return 2 + len(self.views) * self.tokens_per_view
 
+    @property
+    def image_tokens_per_step(self) -> int:
+        """V*N: image tokens per timestep, all views."""
+        return len(self.views) * self.tokens_per_view
+
+    @property
+    def receptive_field(self) -> int:
+        """R = L(h-1)+1: steps a step's output depends on through L windowed layers."""
+        return self.n_layers * (self.history - 1) + 1
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GR2Config:
         """The named preset (``gr2-tiny``, ``gr2-small``, ``gr2-base``) with optional overrides."""
@@ -108,6 +150,7 @@ class GR2Config:
         """JSON-serialisable dict of every field."""
         out = dataclasses.asdict(self)
         out["views"] = list(self.views)
+        out["vq_channel_mult"] = list(self.vq_channel_mult)
         return out
 
     @classmethod
@@ -132,6 +175,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "codebook_size": 1024,
         "codebook_dim": 128,
         "vq_channels": 64,
+        "vq_res_blocks": 2,
         "d_model": 384,
         "n_layers": 6,
         "n_heads": 6,
@@ -140,6 +184,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text_max_len": 77,
         "text_dim": 256,
         "text_layers": 4,
+        "text_embed_dim": 256,
     },
     "gr2-base": {
         "image_size": 256,
@@ -147,15 +192,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "codebook_size": 8192,
         "codebook_dim": 256,
         "vq_channels": 128,
+        "vq_channel_mult": (1, 1, 2, 2, 4),
+        "vq_res_blocks": 2,
         "d_model": 768,
         "n_layers": 12,
         "n_heads": 12,
         "history": 10,
         "action_head_dim": 256,
         "action_head_heads": 4,
+        # CLIP ViT-B/32's text tower (openai/clip-vit-base-patch32).
+        "text_encoder": "clip",
         "text_max_len": 77,
-        "text_dim": 512,  # CLIP ViT-B/32 text width, so CLIP can replace the built-in encoder
+        "text_dim": 512,
         "text_layers": 12,
         "text_heads": 8,
+        "text_vocab_size": 49408,
+        "text_embed_dim": 512,
     },
 }

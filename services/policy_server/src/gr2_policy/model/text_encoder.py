@@ -1,18 +1,24 @@
 """Frozen text encoders: instruction strings -> one pooled embedding per string.
 
-``TextEncoder`` is the interface the policy depends on; ``ByteTextEncoder`` is the small
-built-in implementation (UTF-8 bytes, no vocabulary file), so a model is self-contained.
-A CLIP text tower can implement the same interface later.
+``TextEncoder`` is the interface the policy depends on; ``build_text_encoder`` picks the
+implementation named by ``GR2Config.text_encoder``:
+
+- "byte": ``ByteTextEncoder``, small and built in (UTF-8 bytes, no vocabulary file), so a
+  model is self-contained;
+- "clip": ``gr2_policy.model.clip_text.CLIPTextEncoder``, CLIP's text tower, whose BPE
+  tokenizer files (vocab.json + merges.txt) travel with the checkpoint.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gr2_policy.model.config import GR2Config
 from gr2_policy.model.gpt import INIT_STD, Block, init_transformer_
 
 
@@ -27,6 +33,14 @@ class TextEncoder(nn.Module, ABC):
     @abstractmethod
     def encode(self, texts: list[str]) -> Tensor:
         """texts (B strings) -> float tensor (B, dim) on the encoder's device."""
+
+    @abstractmethod
+    def save_tokenizer(self, directory: Path) -> None:
+        """Write the tokenizer's files (if it has any) into ``directory``."""
+
+    @abstractmethod
+    def load_tokenizer(self, directory: Path) -> None:
+        """Read the tokenizer's files (if it has any) from ``directory``."""
 
 
 class ByteTextEncoder(TextEncoder):
@@ -54,6 +68,12 @@ class ByteTextEncoder(TextEncoder):
     def dim(self) -> int:
         return self._dim
 
+    def save_tokenizer(self, directory: Path) -> None:
+        """No-op: the byte tokenizer has no files."""
+
+    def load_tokenizer(self, directory: Path) -> None:
+        """No-op: the byte tokenizer has no files."""
+
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """ids (B, max_len) long and mask (B, max_len) bool (True = real token), on CPU."""
         ids = np.full((len(texts), self.max_len), self.PAD, dtype=np.int64)
@@ -76,3 +96,25 @@ class ByteTextEncoder(TextEncoder):
         x = self.norm(x)
         weights = mask[..., None].to(x.dtype)
         return (x * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+def build_text_encoder(cfg: GR2Config) -> TextEncoder:
+    """The text encoder ``cfg`` names, freshly initialised (works under a meta device).
+
+    A "clip" encoder has no tokenizer yet: load one with ``load_tokenizer`` (from a GR-2
+    checkpoint) or ``clip_text.load_clip_text_weights`` (from a local HF CLIP directory).
+    """
+    if cfg.text_encoder == "byte":
+        return ByteTextEncoder(cfg.text_dim, cfg.text_layers, cfg.text_heads, cfg.text_max_len)
+    if cfg.text_encoder == "clip":
+        from gr2_policy.model.clip_text import CLIPTextEncoder  # lazy: clip_text imports us
+
+        return CLIPTextEncoder(
+            vocab_size=cfg.text_vocab_size,
+            width=cfg.text_dim,
+            layers=cfg.text_layers,
+            heads=cfg.text_heads,
+            max_len=cfg.text_max_len,
+            embed_dim=cfg.text_embed_dim,
+        )
+    raise ValueError(f"unknown text_encoder {cfg.text_encoder!r}")
