@@ -71,6 +71,27 @@ def test_init_checkpoint_then_serve_and_describe(tmp_path: Path) -> None:
     assert json.loads(info.stdout)["model_version"] == version
 
 
+def test_describe_a_preset_prints_config_and_parameter_counts() -> None:
+    result = run(script_path("gr2-policy-server"), "describe", "--preset", "gr2-base")
+    assert result.returncode == 0, result.stderr
+    described = json.loads(result.stdout)
+    assert described["config"]["d_model"] == 768
+    parts = described["parameters"]
+    print(f"gr2-base: {parts}")
+    assert 207e6 <= parts["total"] <= 253e6 and 85.5e6 <= parts["trainable"] <= 104.5e6
+    assert parts["trainable"] == parts["gpt"] + parts["action_head"]
+
+
+def test_clip_presets_need_a_clip_directory(tmp_path: Path) -> None:
+    result = run(
+        script_path("gr2-policy-server"), "init-checkpoint", "--preset", "gr2-base",
+        "--out", str(tmp_path / "ckpt"),
+    )  # fmt: skip
+    assert_clean_failure(result, "pass --clip-dir")
+    result = run(script_path("gr2-policy-server"), "describe", "--preset", "gr2-huge")
+    assert_clean_failure(result, "unknown preset")
+
+
 @pytest.mark.parametrize("flag", ["--grpc-port", "--http-port"])
 def test_serve_rejects_an_invalid_port(flag: str) -> None:
     result = run(script_path("gr2-policy-server"), "serve", flag, "70000")

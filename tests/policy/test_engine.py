@@ -93,30 +93,28 @@ async def test_episode_of_ten_steps(engine: LocalEngine) -> None:
     assert engine.active_episodes == 0
 
 
-async def test_steps_equal_the_model_over_the_last_h_steps(
-    engine: LocalEngine, policy: GR2Policy
+@pytest.mark.parametrize("kv_cache", [True, False])
+async def test_steps_equal_the_model_over_the_whole_episode(
+    policy: GR2Policy, kv_cache: bool
 ) -> None:
-    """Checks the ring buffer: after n steps the engine answers exactly what the model
-    answers for the last min(n, h) observations, oldest first (incl. the first steps)."""
-    steps = make_steps(7, seed=1)
+    """With the KV cache and without it (a ring of the last R steps, recomputed), after n
+    steps the engine answers what the model answers over the whole episode so far. The
+    episode is longer than R, so the no-cache ring wraps."""
+    engine = LocalEngine(policy, kv_cache=kv_cache)
+    r = policy.config.receptive_field
+    steps = make_steps(r + 3, seed=1)
     chunks = await run_episode(engine, "ep", steps)
-    h = policy.config.history
+    await engine.stop()
     with torch.inference_mode():
         lang = policy.encode_instruction(["instruction of ep"])
-        for n in range(1, len(steps) + 1):
-            window = steps[max(0, n - h) : n]
-            images = np.stack([[s.images[v] for v in VIEWS] for s in window])
-            tokens = policy.tokenize_images(torch.from_numpy(images))
-            states = np.stack(
-                [np.r_[s.ee_position, s.ee_quat_wxyz, s.gripper] for s in window]
-            ).astype(np.float32)
-            expected = policy.predict_actions(
-                lang,
-                tokens[None],
-                torch.from_numpy(states)[None],
-                torch.ones(1, len(window), dtype=torch.bool),
-            )
-            chunk = chunks[n - 1]
+        images = np.stack([[s.images[v] for v in VIEWS] for s in steps])
+        tokens = policy.tokenize_images(torch.from_numpy(images))[None]
+        states = np.stack([np.r_[s.ee_position, s.ee_quat_wxyz, s.gripper] for s in steps])
+        states_t = torch.from_numpy(states.astype(np.float32))[None]
+        out = policy(lang, tokens, states_t, act_steps="all")  # every step's [ACT] at once
+        for n, chunk in enumerate(chunks):
+            raw = policy.action_head.decode(out.act[:, n])
+            expected = policy.decode_actions(raw, states_t[:, n])
             np.testing.assert_allclose(chunk.positions, expected.positions[0], atol=1e-5)
             np.testing.assert_allclose(chunk.quats_wxyz, expected.quats_wxyz[0], atol=1e-5)
             np.testing.assert_allclose(chunk.grippers, expected.grippers[0], atol=1e-5)

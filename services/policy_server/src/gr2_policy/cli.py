@@ -25,6 +25,7 @@ _SERVE_FLAGS = {
     "--seed": ("seed", int),
     "--device": ("device", str),
     "--torch-threads": ("torch_threads", int),
+    "--kv-cache": ("kv_cache", str),
     "--replica": ("replica", str),
     "--log-level": ("log_level", str),
 }
@@ -61,8 +62,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_init_checkpoint(args: argparse.Namespace) -> int:
     from gr2_policy.model.checkpoint import init_random_policy, model_hash, save_checkpoint
+    from gr2_policy.model.config import GR2Config
 
+    try:
+        config = GR2Config.from_preset(args.preset)
+    except ValueError as err:
+        print(f"gr2-policy-server: {err}", file=sys.stderr)
+        return 2
+    if config.text_encoder == "clip" and args.clip_dir is None:
+        print(
+            f"gr2-policy-server: {args.preset} uses CLIP's text tower: pass --clip-dir with a "
+            "local CLIP directory (config.json, model.safetensors, vocab.json, merges.txt)",
+            file=sys.stderr,
+        )
+        return 2
     model = init_random_policy(args.preset, seed=args.seed)
+    if args.clip_dir is not None:
+        from gr2_policy.model.clip_text import CLIPTextEncoder, load_clip_text_weights
+
+        if not isinstance(model.text_encoder, CLIPTextEncoder):
+            print(f"gr2-policy-server: {args.preset} has no CLIP text encoder", file=sys.stderr)
+            return 2
+        try:
+            load_clip_text_weights(model.text_encoder, args.clip_dir)
+        except CheckpointError as err:
+            print(f"gr2-policy-server: {err}", file=sys.stderr)
+            return 2
     save_checkpoint(model, args.out)
     print(
         json.dumps(
@@ -78,14 +103,19 @@ def _cmd_init_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _cmd_describe(args: argparse.Namespace) -> int:
-    from gr2_policy.model.checkpoint import count_parameters, init_random_policy, load_checkpoint
+    import torch
+
+    from gr2_policy.model import GR2Config, GR2Policy
+    from gr2_policy.model.checkpoint import count_parameters, load_checkpoint
 
     try:
         if args.checkpoint is not None:
             model = load_checkpoint(args.checkpoint)
         else:
-            model = init_random_policy(args.preset, seed=0)
-    except CheckpointError as err:
+            config = GR2Config.from_preset(args.preset)
+            with torch.device("meta"):  # shapes only: instant, even for gr2-base
+                model = GR2Policy(config)
+    except (CheckpointError, ValueError) as err:
         print(f"gr2-policy-server: {err}", file=sys.stderr)
         return 2
     print(
@@ -115,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--preset", default="gr2-tiny")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--out", type=Path, required=True, help="directory to write")
+    init.add_argument(
+        "--clip-dir",
+        type=Path,
+        help="local CLIP directory (HF layout) whose text tower replaces the random one; "
+        "required by presets with a CLIP text encoder (gr2-base)",
+    )
     init.set_defaults(func=_cmd_init_checkpoint)
 
     describe = sub.add_parser("describe", help="print config and parameter counts as JSON")

@@ -65,7 +65,7 @@ def build_engine(settings: ServerSettings):  # type: ignore[no-untyped-def]
 
     # The factory runs on the engine's worker thread: a model built on another thread slows
     # every step (~25 ms vs ~16 ms for gr2-tiny on 2 cores; see engine/local.py).
-    engine = LocalEngine(factory, device=device)
+    engine = LocalEngine(factory, device=device, kv_cache=settings.kv_cache)
     return engine, source
 
 
@@ -111,6 +111,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
             preset=engine.info.preset,
             model_version=engine.info.model_version,
             store="redis" if settings.redis_url else "memory",
+            kv_cache=settings.kv_cache,
         )
         stop_task = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)

@@ -25,6 +25,11 @@ class ServerSettings(BaseSettings):
     seed: int = Field(0, description="seed of the random weights used when no checkpoint")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0 = torch default)")
+    kv_cache: bool = Field(
+        True,
+        description="KV-cached incremental steps; off recomputes the last R steps each step "
+        "(same results, for debugging and benchmarks)",
+    )
     max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="gRPC message limit")
     replica: str = Field(default_factory=socket.gethostname, description="name of this replica")
     episode_ttl_s: float = Field(86400.0, gt=0, description="episode state TTL in the store")

@@ -1,9 +1,12 @@
 """LocalEngine: runs a GR2Policy in-process, one episode at a time, off the event loop.
 
-Each episode owns a preallocated ring buffer of its last h steps (image token ids + raw
-states). A step tokenizes the new images, writes the ring slot, and recomputes the window
-(GR-1 style, no KV cache yet). All model work runs on one dedicated worker thread, so the
-asyncio loop never blocks and the model never runs concurrently with itself.
+Each episode owns preallocated state. With the KV cache (the default) that is a rolling
+cache of its last h steps per layer: a step tokenizes the new images and runs only the new
+step's tokens. Without it (``kv_cache=False``, GR2_KV_CACHE=off, for debugging and
+benchmarks) it is a ring of the last R = L(h-1)+1 steps' token ids and states, and every step
+recomputes that window: the same result (to float rounding), R times the work.
+All model work runs on one dedicated worker thread, so the asyncio loop never blocks and
+the model never runs concurrently with itself.
 
 Torch's CPU kernels use OpenMP, and every thread that runs a parallel kernel gets its own
 OpenMP team. If the caller's thread has run parallel kernels (building or loading a model
@@ -28,20 +31,22 @@ from torch import Tensor
 from gr2_policy.engine.interface import ActionChunk, EngineInfo, StepInput, ViewInfo
 from gr2_policy.errors import EpisodeNotFoundError, InvalidInputError, UnavailableError
 from gr2_policy.model.checkpoint import model_hash
-from gr2_policy.model.policy import GR2Policy
+from gr2_policy.model.kv_cache import RollingKVCache
+from gr2_policy.model.policy import ActionPrediction, GR2Policy
 
 _WARMUP_EPISODE = "__gr2-engine-warmup__"
 
 
 @dataclass
 class _Episode:
-    """Per-episode state. Ring slot ``head`` is written next; ``count`` slots are filled."""
+    """Per-episode state: the LANG embedding and either a KV cache, or (no cache) a ring of
+    the last R steps whose slot ``count % R`` is written next."""
 
     lang: Tensor  # (1, d_model)
-    tokens: Tensor  # (h, V, N) long
-    states: Tensor  # (h, 8) float32: position (m), quat wxyz, gripper
-    head: int = 0
-    count: int = 0
+    cache: RollingKVCache | None
+    tokens: Tensor | None  # (R, V, N) long
+    states: Tensor | None  # (R, 8) float32: position (m), quat wxyz, gripper
+    count: int = 0  # steps taken
 
 
 class LocalEngine:
@@ -53,9 +58,12 @@ class LocalEngine:
         *,
         model_name: str = "gr2",
         device: str = "cpu",
+        kv_cache: bool = True,
     ) -> None:
         """model: a GR2Policy, or a zero-argument factory (e.g. ``lambda: load_checkpoint(p)``)
-        that is then called on the worker thread (see the module docstring for why)."""
+        that is then called on the worker thread (see the module docstring for why);
+        kv_cache: False recomputes the last R steps every step (same results, slower)."""
+        self.kv_cache = kv_cache
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gr2-model")
         self._device = torch.device(device)
         try:
@@ -65,6 +73,7 @@ class LocalEngine:
             raise
         self._cfg = cfg = self._model.config
         h, n_views = cfg.history, len(cfg.views)
+        self._window = cfg.receptive_field
         self._info = EngineInfo(
             model_name=model_name,
             model_version=model_hash(self._model),
@@ -76,11 +85,9 @@ class LocalEngine:
         )
         self._episodes: dict[str, _Episode] = {}
         self._stopped = False
-        # Ring read order (oldest first) for each write position, and the left-padding mask
-        # for each fill count: with fixed shapes (T = h) the window needs no reallocation.
-        arange = torch.arange(h, device=self._device)
-        self._orders = [(head + arange) % h for head in range(h)]
-        self._valid = [(arange >= h - count)[None] for count in range(h + 1)]
+        # No-cache ring read order (oldest first) for each next write position.
+        arange = torch.arange(self._window, device=self._device)
+        self._orders = [(head + arange) % self._window for head in range(self._window)]
         # CPU staging buffers, shared as numpy views; touched only by the worker thread.
         size = cfg.image_size
         self._images_np = np.zeros((1, n_views, size, size, 3), dtype=np.uint8)
@@ -150,13 +157,17 @@ class LocalEngine:
 
     def _new_episode(self, instruction: str) -> _Episode:
         cfg = self._cfg
-        shape = (cfg.history, len(cfg.views), cfg.tokens_per_view)
         with torch.inference_mode():
+            lang = self._model.encode_instruction([instruction])
+            if self.kv_cache:
+                return _Episode(lang=lang, cache=self._model.new_cache(), tokens=None, states=None)
+            shape = (self._window, len(cfg.views), cfg.tokens_per_view)
             return _Episode(
-                lang=self._model.encode_instruction([instruction]),
+                lang=lang,
+                cache=None,
                 tokens=torch.zeros(shape, dtype=torch.long, device=self._device),
                 states=torch.zeros(
-                    (cfg.history, cfg.state_dim), dtype=torch.float32, device=self._device
+                    (self._window, cfg.state_dim), dtype=torch.float32, device=self._device
                 ),
             )
 
@@ -169,19 +180,14 @@ class LocalEngine:
         self._state_np[3:7] = step.ee_quat_wxyz
         self._state_np[7] = step.gripper
         with torch.inference_mode():
-            slot = episode.head
-            images = self._images.to(self._device)
-            episode.tokens[slot] = self._model.tokenize_images(images)[0]
-            episode.states[slot] = self._state.to(self._device)
-            episode.head = (slot + 1) % cfg.history
-            episode.count = min(episode.count + 1, cfg.history)
-            order = self._orders[episode.head]
-            prediction = self._model.predict_actions(
-                episode.lang,
-                episode.tokens.index_select(0, order)[None],
-                episode.states.index_select(0, order)[None],
-                self._valid[episode.count],
-            )
+            tokens = self._model.tokenize_images(self._images.to(self._device))
+            state = self._state.to(self._device)[None]
+            if episode.cache is not None:
+                prediction = self._model.step(episode.cache, episode.lang, tokens, state).actions
+                assert prediction is not None
+            else:
+                prediction = self._recompute(episode, tokens[0], state[0])
+            episode.count += 1
             positions = prediction.positions[0].to("cpu", torch.float64).numpy()
             quats = prediction.quats_wxyz[0].to("cpu", torch.float64).numpy()
             grippers = prediction.grippers[0].to("cpu", torch.float64).numpy()
@@ -192,6 +198,23 @@ class LocalEngine:
             grippers=grippers,
             queue_time_s=started - submitted,
             compute_time_s=time.perf_counter() - started,
+        )
+
+    def _recompute(self, episode: _Episode, tokens: Tensor, state: Tensor) -> ActionPrediction:
+        """No-cache step: write the ring, run the model over the last min(count+1, R) steps."""
+        assert episode.tokens is not None and episode.states is not None
+        r, t = self._window, episode.count
+        episode.tokens[t % r] = tokens
+        episode.states[t % r] = state
+        if t + 1 < r:  # the episode so far: slots 0..t in order
+            window_tokens, window_states = episode.tokens[: t + 1], episode.states[: t + 1]
+        else:
+            order = self._orders[(t + 1) % r]
+            window_tokens = episode.tokens.index_select(0, order)
+            window_states = episode.states.index_select(0, order)
+        first = t + 1 - window_tokens.shape[0]
+        return self._model.predict_actions(
+            episode.lang, window_tokens[None], window_states[None], first_step=first
         )
 
     # -- checks ----------------------------------------------------------------------------

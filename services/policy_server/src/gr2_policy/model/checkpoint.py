@@ -1,4 +1,5 @@
-"""Checkpoints: a directory with ``config.json`` (GR2Config) and ``model.safetensors``.
+"""Checkpoints: a directory with ``config.json`` (GR2Config) and ``model.safetensors``, plus
+``text_tokenizer/`` (vocab.json, merges.txt) when the text encoder is CLIP's.
 
 Loading is strict: a config that names unknown fields, or weights that do not match the
 architecture the config describes, raise ``CheckpointError`` naming the mismatch.
@@ -21,6 +22,7 @@ from gr2_policy.model.policy import GR2Policy
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "text_tokenizer"
 _MAX_LISTED = 8  # tensor names listed in one error message
 
 
@@ -32,6 +34,8 @@ def save_checkpoint(model: GR2Policy, directory: str | os.PathLike[str]) -> Path
     (path / CONFIG_FILE).write_text(config_text, encoding="utf-8")
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"preset": model.config.preset})
+    if model.config.text_encoder == "clip":
+        model.text_encoder.save_tokenizer(path / TOKENIZER_DIR)
     return path
 
 
@@ -94,6 +98,13 @@ def load_checkpoint(directory: str | os.PathLike[str], device: str = "cpu") -> G
             f"mismatch for {_listed(wrong)}"
         )
     model.load_state_dict(tensors, strict=True)
+    if config.text_encoder == "clip":
+        if not (path / TOKENIZER_DIR).is_dir():
+            raise CheckpointError(
+                f"checkpoint {path} has a CLIP text encoder but no {TOKENIZER_DIR}/ "
+                "(vocab.json, merges.txt)"
+            )
+        model.text_encoder.load_tokenizer(path / TOKENIZER_DIR)
     return model.to(device).eval()
 
 

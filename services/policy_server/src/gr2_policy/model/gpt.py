@@ -1,42 +1,83 @@
-"""The GR-2 GPT backbone: token layout, step-level sliding-window mask, pre-norm blocks, RoPE.
+"""The GR-2 GPT backbone: step layout, step-level sliding-window attention, RoPE, KV cache.
 
-Token layout per timestep (P = 2 + V*N tokens)::
+Token layout per timestep (P = 2 + V*N tokens, in-step index u)::
 
-    [LANG] [view 1: N image tokens] ... [view V: N image tokens] [STATE]
+    u = 0: [LANG]   u = 1 .. V*N: image tokens, view by view   u = V*N + 1: [STATE]
 
-and after the last step one [ACT] query token. Attention is causal over token order, each
-token sees only keys of steps t-h+1..t (t its own step), keys of invalid (padding) steps are
-masked out, and [ACT] belongs to the last step, so it sees the whole window while nothing
-attends to it. Positions are RoPE on the token index (scores depend only on offsets).
+plus, for the steps whose action is wanted, an [ACT] query token. Every token carries its
+step s and its position (s*P + u; [ACT] of step s sits at s*P + P). The one attention rule,
+used by the full forward and by the cached forward alike::
+
+    query i may attend key j  iff  step_j <= step_i  and  step_i - step_j < h
+                                   and pos_j <= pos_i
+                                   and (j is not an [ACT], or j is i's own [ACT])
+
+so attention is causal inside a step, each step sees the steps t-h+1..t (a step-level
+sliding window), and no token attends to an [ACT]. Positions enter only through RoPE on
+the token index (scores depend only on offsets), computed in float64 so that positions far
+into a long episode stay exact.
+
+Through L layers a step's output depends on the last R = L(h-1)+1 steps. The cached
+forward keeps, per layer, the keys/values of the last h steps in a rolling buffer
+(``RollingKVCache``), which makes an incremental step exactly a forward over the whole
+episode, or over its last R steps.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn.functional import scaled_dot_product_attention
 
 from gr2_policy.model.config import ENCODED_STATE_DIM, GR2Config
-from gr2_policy.model.rotations import quat_to_rot6d
+from gr2_policy.model.kv_cache import RollingKVCache
 
 INIT_STD = 0.02
 
 
-def rope_tables(n_pos: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
-    """cos, sin tables for positions 0..n_pos-1, each (n_pos, head_dim / 2)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device).float() / head_dim)
-    angles = torch.outer(torch.arange(n_pos, device=device).float(), inv_freq)
-    return angles.cos(), angles.sin()
+def rope_tables(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> Tensor:
+    """cos and sin for integer ``positions`` (..., S): stacked (2, ..., S, head_dim / 2).
+
+    The angles are computed in float64: in float32, position * frequency loses ~0.1 rad at
+    position 1e6, which a long episode reaches.
+    """
+    inv_freq = base ** (
+        -torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
+    )
+    angles = positions.to(torch.float64)[..., None] * inv_freq
+    return torch.stack((angles.cos(), angles.sin())).to(dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate query/key pairs: x (B, H, S, D), cos/sin (S, D/2)."""
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate query/key pairs: x (B, H, S, D); rope (2, B or 1, S, D/2) from ``rope_tables``."""
+    cos, sin = rope[0][:, None], rope[1][:, None]  # (B, 1, S, D/2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def attention_mask(
+    q_step: Tensor,
+    q_pos: Tensor,
+    q_act: Tensor,
+    k_step: Tensor,
+    k_pos: Tensor,
+    k_act: Tensor,
+    history: int,
+) -> Tensor:
+    """The attention rule of the module docstring as a bool mask (B, 1, Sq, Sk), True =
+    may attend. Steps/positions (B, S) long (B may be 1); act flags (S,) bool."""
+    qs, qp = q_step[:, :, None], q_pos[:, :, None]
+    ks, kp = k_step[:, None, :], k_pos[:, None, :]
+    allowed = (ks <= qs) & (qs - ks < history) & (kp <= qp)
+    own_act = q_act[:, None] & (ks == qs)  # [ACT] keys: only the same step's [ACT] query
+    allowed = allowed & (~k_act[None, None, :] | own_act)
+    return allowed[:, None]
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention on ``scaled_dot_product_attention`` with an explicit mask."""
+    """Multi-head self-attention with RoPE and an explicit mask, optionally through a cache."""
 
     def __init__(self, dim: int, n_heads: int) -> None:
         super().__init__()
@@ -44,13 +85,30 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        """x (B, S, dim); mask bool, True = may attend, broadcastable to (B, H, S, S)."""
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        rope: Tensor | None = None,
+        cache: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """x (B, S, dim); mask bool (B or 1, 1, S, Sk), True = may attend.
+
+        cache: (k_buffer, v_buffer, write_index) with buffers (B, H, Sk, head_dim) and
+        write_index (B, S) long: the new keys/values are written at those key slots, then
+        the queries attend over the whole buffer.
+        """
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, d // self.n_heads).unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is not None:
+            k_buffer, v_buffer, write_index = cache
+            rows = torch.arange(b, device=x.device)[:, None]
+            k_buffer[rows, :, write_index] = k.transpose(1, 2)
+            v_buffer[rows, :, write_index] = v.transpose(1, 2)
+            k, v = k_buffer, v_buffer
         out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, s, d))
 
@@ -68,10 +126,14 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, mask: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        rope: Tensor | None = None,
+        cache: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Tensor:
         """x (B, S, dim) -> (B, S, dim)."""
-        x = x + self.attn(self.norm1(x), mask, rope)
+        x = x + self.attn(self.norm1(x), mask, rope, cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -87,35 +149,28 @@ def init_transformer_(module: nn.Module, n_layers: int) -> None:
             nn.init.zeros_(m.bias)
 
 
-def step_window_mask(
-    n_steps: int, tokens_per_step: int, history: int, device=None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The static part of the attention mask for T = n_steps, S = T * P + 1 tokens.
+@dataclass(frozen=True)
+class GPTOutput:
+    """hidden (B, T, P, d_model) after the final norm; act (B, T_act, d_model) the [ACT]
+    outputs of the requested steps (T_act = 0 when none were asked for)."""
 
-    Returns (allowed, eye, token_step): allowed (S, S) bool is token-causal with a step
-    window of h, [ACT] (the last token) counting as part of the last step; eye (S, S) bool;
-    token_step (S,) long, each token's step index.
-    """
-    s = n_steps * tokens_per_step + 1
-    idx = torch.arange(s, device=device)
-    token_step = (idx // tokens_per_step).clamp_max(n_steps - 1)
-    causal = idx[None, :] <= idx[:, None]
-    in_window = (token_step[:, None] - token_step[None, :]) < history
-    eye = torch.eye(s, dtype=torch.bool, device=device)
-    return causal & in_window, eye, token_step
+    hidden: Tensor
+    act: Tensor
 
 
 class GR2GPT(nn.Module):
-    """Embeds the step layout and runs the masked transformer; returns the [ACT] output."""
+    """Embeds the step layout, runs the windowed transformer, predicts image tokens."""
 
     def __init__(self, cfg: GR2Config) -> None:
         super().__init__()
         self.cfg = cfg
-        d, n_views, n_tok = cfg.d_model, len(cfg.views), cfg.tokens_per_view
-        self.lang_proj = nn.Linear(cfg.text_dim, d)
-        self.image_embed = nn.Embedding(cfg.codebook_size, d)
-        self.view_embed = nn.Parameter(torch.empty(n_views, 1, d))
-        self.pos_embed = nn.Parameter(torch.empty(1, n_tok, d))
+        d = cfg.d_model
+        self.lang_proj = nn.Linear(cfg.text_embed_dim, d)
+        # Image tokens enter as a trainable projection of the frozen (l2-normalised) VQ code
+        # vectors, plus view and in-view position embeddings.
+        self.image_in = nn.Linear(cfg.codebook_dim, d)
+        self.view_embed = nn.Parameter(torch.empty(len(cfg.views), d))
+        self.pos_embed = nn.Parameter(torch.empty(cfg.tokens_per_view, d))
         self.state_proj = nn.Linear(ENCODED_STATE_DIM, d)
         self.no_state = nn.Parameter(torch.empty(d))
         self.act_query = nn.Parameter(torch.empty(d))
@@ -123,87 +178,109 @@ class GR2GPT(nn.Module):
             Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_layers)
         )
         self.norm = nn.LayerNorm(d)
+        self.image_head = nn.Linear(d, cfg.codebook_size, bias=False)  # next image token
         init_transformer_(self, cfg.n_layers)
         for p in (self.view_embed, self.pos_embed, self.no_state, self.act_query):
             nn.init.normal_(p, std=INIT_STD)
-        # Tables for clips up to 4h steps (training); longer inputs compute theirs on the fly.
-        cos, sin = rope_tables(
-            4 * cfg.history * cfg.tokens_per_step + 1, d // cfg.n_heads, cfg.rope_base
-        )
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self._mask_cache: dict[tuple[int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+        self._mask_cache: dict[tuple, Tensor] = {}
+
+    # -- embeddings --------------------------------------------------------------------
 
     def project_language(self, text_embedding: Tensor) -> Tensor:
-        """Frozen text embedding (B, text_dim) -> LANG token (B, d_model)."""
+        """Frozen text embedding (B, text_embed_dim) -> LANG token (B, d_model)."""
         return self.lang_proj(text_embedding)
 
-    def forward(
-        self,
-        lang: Tensor,
-        image_tokens: Tensor,
-        states: Tensor,
-        state_valid: Tensor,
-        step_valid: Tensor,
-    ) -> Tensor:
-        """[ACT] output (B, d_model).
+    def embed_images(self, code_vectors: Tensor, start: int = 0) -> Tensor:
+        """Code vectors (..., S, codebook_dim) of the image tokens at in-step image indices
+        start..start+S-1 (0 = first token of the first view) -> embeddings (..., S, d)."""
+        s, n = code_vectors.shape[-2], self.cfg.tokens_per_view
+        index = torch.arange(start, start + s, device=code_vectors.device)
+        return self.image_in(code_vectors) + self.view_embed[index // n] + self.pos_embed[index % n]
 
-        lang (B, d_model); image_tokens (B, T, V, N) long; states (B, T, 8) raw (pos m,
-        quat wxyz, gripper); state_valid, step_valid (B, T) bool. Oldest step first.
+    def embed_state(self, state_encoded: Tensor, state_valid: Tensor) -> Tensor:
+        """Encoded states (..., 10) and validity (...) bool -> STATE tokens (..., d); an
+        invalid state (video-only data, imagined steps) is the learned "no state" token."""
+        valid = state_valid[..., None]
+        state_encoded = torch.where(valid, state_encoded, 0.0)  # NaN in a hole cannot leak
+        return torch.where(valid, self.state_proj(state_encoded), self.no_state)
+
+    def assemble_steps(self, lang: Tensor, image_emb: Tensor, state_emb: Tensor) -> Tensor:
+        """lang (B, d), image_emb (B, T, V*N, d), state_emb (B, T, d) -> (B, T, P, d)."""
+        b, t = state_emb.shape[:2]
+        return torch.cat(
+            (lang[:, None, None].expand(b, t, 1, -1), image_emb, state_emb[:, :, None]), dim=2
+        )
+
+    def image_logits(self, hidden: Tensor) -> Tensor:
+        """Final hidden states (..., d) -> next image token logits (..., codebook_size)."""
+        return self.image_head(hidden)
+
+    # -- full forward ------------------------------------------------------------------
+
+    def forward(self, steps: Tensor, first_step: int = 0, act_steps: str = "last") -> GPTOutput:
+        """Masked forward over T whole steps.
+
+        steps (B, T, P, d) from ``assemble_steps``; first_step: the episode step index of
+        steps[:, 0] (positions are absolute, so any window of an episode gives the
+        same scores as the whole episode); act_steps: "all" (an [ACT] per step: training),
+        "last" (only the last step's: inference) or "none" (video only).
         """
-        x = self._embed(lang, image_tokens, states, state_valid, step_valid)
-        s = x.shape[1]
-        if s <= self.rope_cos.shape[0]:
-            rope = (self.rope_cos[:s], self.rope_sin[:s])
-        else:
-            rope = rope_tables(
-                s, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base, x.device
-            )
-        mask = self._attention_mask(step_valid)
+        b, t, p, d = steps.shape
+        if act_steps not in ("all", "last", "none"):
+            raise ValueError(f"act_steps must be 'all', 'last' or 'none', got {act_steps!r}")
+        act_at = {"all": list(range(t)), "last": [t - 1], "none": []}[act_steps]
+        x = steps.reshape(b, t * p, d)
+        if act_at:
+            x = torch.cat((x, self.act_query.expand(b, len(act_at), d)), dim=1)
+        step_ids, pos_ids, is_act = self._layout(t, first_step, tuple(act_at), x.device)
+        mask = self._full_mask(t, tuple(act_at), x.device, step_ids, pos_ids, is_act)
+        rope = rope_tables(pos_ids, d // self.cfg.n_heads, self.cfg.rope_base, x.dtype)
         for block in self.blocks:
             x = block(x, mask, rope)
-        return self.norm(x[:, -1])
+        x = self.norm(x)
+        return GPTOutput(hidden=x[:, : t * p].view(b, t, p, d), act=x[:, t * p :])
 
-    def _embed(
-        self,
-        lang: Tensor,
-        image_tokens: Tensor,
-        states: Tensor,
-        state_valid: Tensor,
-        step_valid: Tensor,
-    ) -> Tensor:
-        """Token embeddings (B, T*P + 1, d_model) in layout order; padding steps are zeroed
-        first so that garbage (even NaN) in them cannot reach valid tokens."""
-        cfg = self.cfg
-        b, t, n_views, n_tok = image_tokens.shape
-        p = cfg.tokens_per_step
-        valid = step_valid[:, :, None]
-        image_tokens = torch.where(valid[..., None], image_tokens, 0)
-        states = torch.where(valid, states, 0.0)
-        state_in = torch.cat(
-            (states[..., :3], quat_to_rot6d(states[..., 3:7]), states[..., 7:8]), -1
-        )
-        state_emb = torch.where(state_valid[:, :, None], self.state_proj(state_in), self.no_state)
-        image_emb = self.image_embed(image_tokens) + self.view_embed + self.pos_embed
+    def _layout(
+        self, t: int, first_step: int, act_at: tuple[int, ...], device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per token: step (1, S), position (1, S), is-[ACT] (S,) for T steps + [ACT]s."""
+        p = self.cfg.tokens_per_step
+        local = torch.arange(t * p, device=device)
+        act_steps = torch.tensor(act_at, dtype=torch.long, device=device)
+        step_ids = torch.cat((local // p, act_steps)) + first_step
+        pos_ids = torch.cat((local + first_step * p, (act_steps + first_step + 1) * p))
+        is_act = torch.arange(step_ids.numel(), device=device) >= t * p
+        return step_ids[None], pos_ids[None], is_act
 
-        x = lang.new_empty(b, t * p + 1, cfg.d_model)
-        steps = x[:, : t * p].view(b, t, p, cfg.d_model)
-        steps[:, :, 0] = lang[:, None]
-        steps[:, :, 1:-1] = image_emb.reshape(b, t, n_views * n_tok, cfg.d_model)
-        steps[:, :, -1] = state_emb
-        x[:, -1] = self.act_query
-        return x
-
-    def _attention_mask(self, step_valid: Tensor) -> Tensor:
-        """Bool (B, 1, S, S): the static window mask AND valid keys, plus the diagonal so a
-        padding token's own row is never empty (an empty row would give NaN)."""
-        t = step_valid.shape[1]
-        key = (t, step_valid.device)
+    def _full_mask(self, t, act_at, device, step_ids, pos_ids, is_act) -> Tensor:
+        """The (1, 1, S, S) mask; it depends only on relative steps, so it is cached."""
+        key = (t, act_at, device)
         if key not in self._mask_cache:
-            with torch.inference_mode(False):  # cached: must stay usable in training too
-                self._mask_cache[key] = step_window_mask(
-                    t, self.cfg.tokens_per_step, self.cfg.history, step_valid.device
+            with torch.inference_mode(False):  # must stay usable in training too
+                self._mask_cache[key] = attention_mask(
+                    step_ids, pos_ids, is_act, step_ids, pos_ids, is_act, self.cfg.history
                 )
-        static, eye, token_step = self._mask_cache[key]
-        key_valid = step_valid[:, token_step]  # (B, S)
-        return ((static & key_valid[:, None, :]) | eye)[:, None]
+        return self._mask_cache[key]
+
+    # -- cached forward ----------------------------------------------------------------
+
+    def forward_cached(
+        self, x: Tensor, cache: RollingKVCache, step: Tensor, start: int, with_act: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Append S tokens of ``step`` (B,) at in-step indices start..start+S-1 to the cache
+        and run them, attending to the cached window; returns (hidden (B, S, d), the [ACT]
+        output (B, d) or None). With ``with_act`` an [ACT] query of ``step`` follows the
+        tokens; its key/value go to the cache's scratch slot, which only it can see.
+        """
+        b, s, d = x.shape
+        if with_act:
+            x = torch.cat((x, self.act_query.expand(b, 1, d)), dim=1)
+        write_index, q_step, q_pos, q_act = cache.claim(step, start, s, with_act)
+        mask = attention_mask(
+            q_step, q_pos, q_act, cache.key_step, cache.key_pos, cache.key_act, self.cfg.history
+        )
+        rope = rope_tables(q_pos, d // self.cfg.n_heads, self.cfg.rope_base, x.dtype)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, mask, rope, (cache.k[layer], cache.v[layer], write_index))
+        x = self.norm(x)
+        return (x[:, :s], x[:, s]) if with_act else (x, None)

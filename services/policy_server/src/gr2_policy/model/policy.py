@@ -1,7 +1,12 @@
-"""GR2Policy: frozen text encoder + frozen VQ tokenizer + GPT backbone + CVAE action head.
+"""GR2Policy: frozen text encoder + frozen VQGAN tokenizer + GPT backbone + CVAE action head.
 
-The engine calls ``encode_instruction`` once per episode, ``tokenize_images`` once per step,
-and ``predict_actions`` over the window of the last T <= h steps (oldest first).
+Two ways to run it, with the same result (the parity tests hold them to 1e-4 in fp32):
+
+- full forward (``forward``, ``predict_actions``): a window of whole steps, for training and
+  for the no-cache server mode (the last R = L(h-1)+1 steps);
+- incremental (``new_cache``, ``step``, ``generate_frames``): one call per control step
+  appends the step to a rolling KV cache and returns the action chunk; video generation
+  continues the cache token by token and rolls it back afterwards.
 """
 
 from __future__ import annotations
@@ -13,9 +18,16 @@ from torch import Tensor, nn
 
 from gr2_policy.model.action_head import CVAEActionHead
 from gr2_policy.model.config import GR2Config
-from gr2_policy.model.gpt import GR2GPT
-from gr2_policy.model.rotations import matrix_to_quat, quat_to_matrix, rot6d_to_matrix
-from gr2_policy.model.text_encoder import ByteTextEncoder, TextEncoder
+from gr2_policy.model.gpt import GR2GPT, GPTOutput
+from gr2_policy.model.kv_cache import RollingKVCache
+from gr2_policy.model.rotations import (
+    matrix_to_quat,
+    quat_to_matrix,
+    quat_to_rot6d,
+    rot6d_to_matrix,
+)
+from gr2_policy.model.sampling import Sampling, sample_tokens
+from gr2_policy.model.text_encoder import TextEncoder, build_text_encoder
 from gr2_policy.model.vqgan import VQGAN
 
 
@@ -31,15 +43,29 @@ class ActionPrediction:
     grippers: Tensor
 
 
+@dataclass(frozen=True)
+class StepOutput:
+    """What one cached step returns: the action chunk and the [ACT] feature (B, d_model)
+    it came from, and (when asked for) the logits of the step's own image tokens given
+    everything before each of them (B, V*N, K)."""
+
+    actions: ActionPrediction | None
+    act_feature: Tensor | None
+    image_logits: Tensor | None
+
+
+def encode_states(states: Tensor) -> Tensor:
+    """Raw states (..., 8): position, quat wxyz, gripper -> (..., 10) with a 6-D rotation."""
+    return torch.cat((states[..., :3], quat_to_rot6d(states[..., 3:7]), states[..., 7:8]), -1)
+
+
 class GR2Policy(nn.Module):
-    """The GR-2 network. Text encoder and VQ tokenizer are frozen (no grad, eval mode)."""
+    """The GR-2 network. Text encoder and VQGAN are frozen (no grad, always eval mode)."""
 
     def __init__(self, config: GR2Config) -> None:
         super().__init__()
         self.config = config
-        self.text_encoder: TextEncoder = ByteTextEncoder(
-            config.text_dim, config.text_layers, config.text_heads, config.text_max_len
-        )
+        self.text_encoder: TextEncoder = build_text_encoder(config)
         self.vqgan = VQGAN(config)
         self.gpt = GR2GPT(config)
         self.action_head = CVAEActionHead(config)
@@ -54,70 +80,81 @@ class GR2Policy(nn.Module):
         self.vqgan.eval()
         return self
 
+    # -- inputs ------------------------------------------------------------------------
+
+    def embed_text(self, texts: list[str]) -> Tensor:
+        """Instructions (B strings) -> frozen text embeddings (B, text_embed_dim)."""
+        with torch.no_grad():
+            return self.text_encoder.encode(texts)
+
     def encode_instruction(self, texts: list[str]) -> Tensor:
-        """Instructions (B strings) -> LANG embeddings (B, d_model)."""
-        return self.gpt.project_language(self.text_encoder.encode(texts))
+        """Instructions (B strings) -> LANG embeddings (B, d_model). Once per episode."""
+        return self.gpt.project_language(self.embed_text(texts))
 
     def tokenize_images(self, images: Tensor) -> Tensor:
-        """uint8 images (B, V, H, W, 3), views in ``config.views`` order -> ids (B, V, N)."""
-        b, v = images.shape[:2]
-        if v != len(self.config.views):
-            raise ValueError(f"expected {len(self.config.views)} views, got {v}")
-        return self.vqgan.encode(images.reshape(b * v, *images.shape[2:])).view(b, v, -1)
-
-    def act_features(
-        self,
-        lang: Tensor,
-        image_tokens: Tensor,
-        states: Tensor,
-        step_valid: Tensor,
-        state_valid: Tensor | None = None,
-    ) -> Tensor:
-        """The [ACT] output (B, d_model) for a window; arguments as in ``predict_actions``."""
-        cfg = self.config
-        b, t = step_valid.shape
-        expected = (b, t, len(cfg.views), cfg.tokens_per_view)
-        if not 1 <= t <= cfg.history or tuple(image_tokens.shape) != expected:
+        """uint8 images (..., V, H, W, 3), views in ``config.views`` order -> ids (..., V, N)."""
+        n_views = len(self.config.views)
+        if images.dim() < 5 or images.shape[-4] != n_views:
             raise ValueError(
-                f"expected image_tokens {expected} with 1 <= T <= h={cfg.history}, "
-                f"got {tuple(image_tokens.shape)}"
+                f"expected images (..., {n_views}, H, W, 3), got {tuple(images.shape)}"
             )
+        lead = images.shape[:-3]
+        ids = self.vqgan.encode(images.reshape(-1, *images.shape[-3:]))
+        return ids.view(*lead, -1)
+
+    def embed_steps(
+        self, lang: Tensor, image_tokens: Tensor, states: Tensor, state_valid: Tensor
+    ) -> Tensor:
+        """lang (B, d), image_tokens (B, T, V, N) long, raw states (B, T, 8), state_valid
+        (B, T) bool -> token embeddings (B, T, P, d) in layout order."""
+        cfg = self.config
+        b, t = image_tokens.shape[:2]
+        expected = (b, t, len(cfg.views), cfg.tokens_per_view)
+        if tuple(image_tokens.shape) != expected:
+            raise ValueError(f"expected image_tokens {expected}, got {tuple(image_tokens.shape)}")
         if tuple(states.shape) != (b, t, cfg.state_dim) or tuple(lang.shape) != (b, cfg.d_model):
             raise ValueError(
                 f"expected states {(b, t, cfg.state_dim)} and lang {(b, cfg.d_model)}, "
                 f"got {tuple(states.shape)} and {tuple(lang.shape)}"
             )
+        codes = self.vqgan.code_vectors(image_tokens.reshape(b, t, -1))
+        state_in = encode_states(torch.where(state_valid[..., None], states, 0.0))
+        return self.gpt.assemble_steps(
+            lang, self.gpt.embed_images(codes), self.gpt.embed_state(state_in, state_valid)
+        )
+
+    # -- full forward ------------------------------------------------------------------
+
+    def forward(
+        self,
+        lang: Tensor,
+        image_tokens: Tensor,
+        states: Tensor,
+        state_valid: Tensor | None = None,
+        first_step: int = 0,
+        act_steps: str = "last",
+    ) -> GPTOutput:
+        """The GPT over T whole steps (see ``GR2GPT.forward``); state_valid defaults to all
+        True. ``first_step`` is the episode step of the first given step."""
         if state_valid is None:
-            state_valid = step_valid
-        return self.gpt(lang, image_tokens, states, state_valid & step_valid, step_valid)
+            state_valid = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        steps = self.embed_steps(lang, image_tokens, states, state_valid)
+        return self.gpt(steps, first_step=first_step, act_steps=act_steps)
 
     def predict_actions(
         self,
         lang: Tensor,
         image_tokens: Tensor,
         states: Tensor,
-        step_valid: Tensor,
-        state_valid: Tensor | None = None,
+        first_step: int = 0,
         z: Tensor | None = None,
     ) -> ActionPrediction:
-        """k absolute waypoints from a window of T <= h steps, most recent step last.
+        """k absolute waypoints after the last of T steps, recomputed from those T steps.
 
-        lang (B, d_model) from ``encode_instruction``; image_tokens (B, T, V, N) long;
-        states (B, T, 8): ee position (m, base frame), quat wxyz, gripper (0..1);
-        step_valid (B, T) bool, False for left padding (the current pose is the last valid
-        step's state);
-        state_valid (B, T) bool, False to use the learned "no state" embedding (default:
-        step_valid); z (B, latent_dim) CVAE latent, None = 0 (inference).
+        With T >= R (or the whole episode so far) this equals the cached ``step``.
         """
-        if not bool(step_valid.any(dim=1).all()):
-            raise ValueError("every batch item needs at least one valid step")
-        act = self.act_features(lang, image_tokens, states, step_valid, state_valid)
-        raw = self.action_head.decode(act, z)
-        t = step_valid.shape[1]
-        # Index of the last valid step: the first True when reading the steps backwards.
-        last = t - 1 - step_valid.flip(1).to(torch.int8).argmax(dim=1)
-        current = states[torch.arange(states.shape[0], device=states.device), last]
-        return self.decode_actions(raw, current)
+        out = self(lang, image_tokens, states, first_step=first_step, act_steps="last")
+        return self.decode_actions(self.action_head.decode(out.act[:, 0], z), states[:, -1])
 
     def decode_actions(self, raw: Tensor, current_state: Tensor) -> ActionPrediction:
         """Raw head outputs (B, k, 10) + current state (B, 8) -> absolute waypoints.
@@ -130,3 +167,124 @@ class GR2Policy(nn.Module):
         r_current = quat_to_matrix(current_state[:, 3:7])[:, None]  # (B, 1, 3, 3)
         quats = matrix_to_quat(r_current @ rot6d_to_matrix(raw[..., 3:9]))
         return ActionPrediction(positions=pos, quats_wxyz=quats, grippers=raw[..., 9].sigmoid())
+
+    # -- incremental -------------------------------------------------------------------
+
+    def new_cache(self, batch: int = 1) -> RollingKVCache:
+        """An empty rolling KV cache for ``batch`` episodes on the model's device/dtype."""
+        weight = self.gpt.image_in.weight
+        return RollingKVCache(self.config, batch, device=weight.device, dtype=weight.dtype)
+
+    def step(
+        self,
+        cache: RollingKVCache,
+        lang: Tensor,
+        image_tokens: Tensor,
+        state: Tensor | None,
+        *,
+        want_actions: bool = True,
+        want_image_logits: bool = False,
+    ) -> StepOutput:
+        """Append one step per episode to ``cache`` and answer it.
+
+        image_tokens (B, V, N) long; state (B, 8) raw, or None for "no state" (then no
+        actions: they are relative to the current pose).
+        """
+        if want_actions and state is None:
+            raise ValueError("actions need the current state")
+        b = image_tokens.shape[0]
+        if state is None:
+            state = lang.new_zeros(b, self.config.state_dim)
+            valid = torch.zeros(b, 1, dtype=torch.bool, device=lang.device)
+        else:
+            valid = torch.ones(b, 1, dtype=torch.bool, device=lang.device)
+        x = self.embed_steps(lang, image_tokens[:, None], state[:, None], valid)[:, 0]
+        hidden, act = self.gpt.forward_cached(x, cache, cache.next_step, 0, want_actions)
+        cache.next_step += 1
+        actions = None
+        if act is not None:
+            actions = self.decode_actions(self.action_head.decode(act), state)
+        logits = None
+        if want_image_logits:
+            logits = self.gpt.image_logits(hidden[:, : self.config.image_tokens_per_step])
+        return StepOutput(actions=actions, act_feature=act, image_logits=logits)
+
+    def generate_frames(
+        self, cache: RollingKVCache, lang: Tensor, num_frames: int, sampling: Sampling
+    ) -> Tensor:
+        """The next ``num_frames`` frames of every view, token by token, continuing the
+        episode in ``cache`` -> ids (B, F, V, N). Imagined steps carry the "no state"
+        token. The cache is rolled back afterwards (bit-identical, step counter included).
+        """
+        cfg = self.config
+        vn, b = cfg.image_tokens_per_step, cache.batch
+        generator = sampling.generator()
+        out = torch.empty(b, num_frames, vn, dtype=torch.long, device=lang.device)
+        no_state = self.gpt.no_state.expand(b, 1, -1)
+        snapshot = cache.snapshot(num_frames)
+        try:
+            step = cache.next_step.clone()
+            for frame in range(num_frames):
+                x = lang[:, None]  # [LANG] of the imagined step: in-step index 0
+                for u in range(vn):
+                    hidden, _ = self.gpt.forward_cached(x, cache, step, u, with_act=False)
+                    token = sample_tokens(self.gpt.image_logits(hidden[:, -1]), sampling, generator)
+                    out[:, frame, u] = token
+                    x = self.gpt.embed_images(self.vqgan.code_vectors(token)[:, None], start=u)
+                if frame + 1 < num_frames:  # complete the step: last image token + [STATE]
+                    self.gpt.forward_cached(
+                        torch.cat((x, no_state), dim=1), cache, step, vn, with_act=False
+                    )
+                step = step + 1
+        finally:
+            cache.restore(snapshot)
+        return out.view(b, num_frames, len(cfg.views), cfg.tokens_per_view)
+
+    def generate_frames_uncached(
+        self,
+        lang: Tensor,
+        image_tokens: Tensor,
+        states: Tensor,
+        state_valid: Tensor | None,
+        first_step: int,
+        num_frames: int,
+        sampling: Sampling,
+    ) -> Tensor:
+        """``generate_frames`` without a cache: every token recomputes the last R steps
+        (the history given plus the imagined ones). Same tokens, for checking and benchmarks.
+
+        image_tokens (B, T, V, N), states (B, T, 8): the episode's last T steps (T >= R-1,
+        or the whole episode), the first being episode step ``first_step``.
+        """
+        cfg = self.config
+        vn, r = cfg.image_tokens_per_step, cfg.receptive_field
+        b = image_tokens.shape[0]
+        if state_valid is None:
+            state_valid = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        generator = sampling.generator()
+        tokens, states = image_tokens.reshape(b, -1, vn), states
+        for _ in range(num_frames):
+            tokens = torch.cat((tokens, tokens.new_zeros(b, 1, vn)), dim=1)
+            states = torch.cat((states, states.new_zeros(b, 1, cfg.state_dim)), dim=1)
+            state_valid = torch.cat((state_valid, state_valid.new_zeros(b, 1)), dim=1)
+            keep = min(r, tokens.shape[1])
+            offset = tokens.shape[1] - keep
+            for u in range(vn):
+                out = self(
+                    lang,
+                    tokens[:, offset:].view(b, keep, len(cfg.views), cfg.tokens_per_view),
+                    states[:, offset:],
+                    state_valid[:, offset:],
+                    first_step=first_step + offset,
+                    act_steps="none",
+                )
+                logits = self.gpt.image_logits(out.hidden[:, -1, u])
+                tokens[:, -1, u] = sample_tokens(logits, sampling, generator)
+        new = tokens[:, -num_frames:]
+        return new.reshape(b, num_frames, len(cfg.views), cfg.tokens_per_view)
+
+    def decode_frames(self, ids: Tensor) -> Tensor:
+        """Token ids (..., V, N) -> uint8 pixels (..., V, H, W, 3)."""
+        lead = ids.shape[:-1]
+        pixels = self.vqgan.decode(ids.reshape(-1, ids.shape[-1]))
+        return pixels.view(*lead, *pixels.shape[1:])
