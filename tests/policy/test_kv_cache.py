@@ -227,6 +227,13 @@ def test_first_generated_token_logits_equal_the_full_forward(tiny: GR2Policy) ->
     assert float(diff) < TOLERANCE
 
 
+def test_generation_rejects_zero_frames(tiny: GR2Policy) -> None:
+    cache = tiny.new_cache()
+    lang = torch.zeros(1, tiny.config.d_model)
+    with pytest.raises(ValueError, match="num_frames"):
+        tiny.generate_frames(cache, lang, num_frames=0, sampling=GREEDY)
+
+
 def test_sampling_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="top_k"):
         Sampling(greedy=False, top_k=-1)

@@ -54,6 +54,11 @@ class StepOutput:
     image_logits: Tensor | None
 
 
+def _check_num_frames(num_frames: int) -> None:
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+
+
 def encode_states(states: Tensor) -> Tensor:
     """Raw states (..., 8): position, quat wxyz, gripper -> (..., 10) with a 6-D rotation."""
     return torch.cat((states[..., :3], quat_to_rot6d(states[..., 3:7]), states[..., 7:8]), -1)
@@ -218,6 +223,7 @@ class GR2Policy(nn.Module):
         """
         cfg = self.config
         vn, b = cfg.image_tokens_per_step, cache.batch
+        _check_num_frames(num_frames)
         generator = sampling.generator()
         out = torch.empty(b, num_frames, vn, dtype=torch.long, device=lang.device)
         no_state = self.gpt.no_state.expand(b, 1, -1)
@@ -259,6 +265,7 @@ class GR2Policy(nn.Module):
         cfg = self.config
         vn, r = cfg.image_tokens_per_step, cfg.receptive_field
         b = image_tokens.shape[0]
+        _check_num_frames(num_frames)
         if state_valid is None:
             state_valid = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
         generator = sampling.generator()
