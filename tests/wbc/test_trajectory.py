@@ -277,3 +277,75 @@ def test_blend_velocity_is_the_derivative_of_the_blended_pose() -> None:
         # 1e-4: for nearly parallel quaternions slerp falls back to normalised lerp.
         np.testing.assert_allclose(omega, [0, 0, yaw / (2 * h)], atol=1e-4)
     assert np.linalg.norm(sample(buf, 0.55).velocity) > 1.0  # 0.2 m crossed in 0.1 s
+
+
+# -- temporal ensembling ------------------------------------------------------------------
+
+
+def test_ensemble_averages_overlapping_chunks_with_decaying_weights() -> None:
+    """Two overlapping chunks, both fully in: the output is their exp-weighted average."""
+    decay = 2.0
+    buf = TrajectoryBuffer(blend_s=0.05, max_chunks=8, blend="ensemble", ensemble_decay=decay)
+    buf.add_chunk(1, *chunk(0.0, 11, 0.1, np.zeros(3), np.zeros(3)))
+    sample(buf, 0.0)
+    buf.add_chunk(2, *chunk(0.2, 11, 0.1, np.array([0.1, 0.0, 0.0]), np.zeros(3)))
+    sample(buf, 0.2)  # chunk 2 is seen at its first waypoint: its ramp-in starts there
+    out = sample(buf, 0.5)  # chunk 2 ramped in (0.2 + 0.05); chunk 1 not yet ramping out
+    w_old = np.exp(-decay * 0.2)  # chunk 1 is 0.2 s older
+    np.testing.assert_allclose(out.position[0], 0.1 / (1.0 + w_old), atol=1e-12)
+    assert out.seq == 2
+    # After chunk 1's last waypoint (1.0 s) it has ramped out: only chunk 2 remains.
+    np.testing.assert_allclose(sample(buf, 1.1).position, [0.1, 0, 0], atol=1e-12)
+
+
+def test_ensemble_is_continuous_as_chunks_enter_and_leave() -> None:
+    """Chunks every 0.1 s, each 1 s long with an offset: 1 ms samples never jump."""
+    buf = TrajectoryBuffer(blend_s=0.05, max_chunks=16, blend="ensemble", ensemble_decay=1.0)
+    path = []
+    t = 0.0
+    for seq in range(20):
+        offset = np.array([0.02 * (seq % 3), 0.01 * seq, 0.0])
+        buf.add_chunk(seq, *chunk(0.1 * seq, 11, 0.1, offset, np.array([0.05, 0, 0])))
+        for _ in range(100):
+            path.append(sample(buf, t).position.copy())
+            t += 1e-3
+    for _ in range(1500):  # the stream stops: the last chunk runs out and holds
+        s = sample(buf, t)
+        assert np.all(np.isfinite(s.position)) and np.isfinite(s.gripper)
+        path.append(s.position.copy())
+        t += 1e-3
+    steps = np.linalg.norm(np.diff(np.array(path), axis=0), axis=1)
+    # Offsets of up to 4 cm between chunks enter over 50 ms ramps: ~1.9 x 0.04 / 0.05 m/s.
+    assert steps.max() < 2.5e-3
+    assert s.expired
+
+
+def test_blend_mode_is_validated() -> None:
+    with pytest.raises(ValueError, match="blend must be one of"):
+        TrajectoryBuffer(blend="average")
+
+
+# -- chunk smoothing QP -------------------------------------------------------------------
+
+
+def test_smoother_reduces_jerk_within_the_fidelity_band() -> None:
+    from gr2_wbc.control.smoothing import ChunkSmoother
+
+    rng = np.random.default_rng(0)
+    times = 0.1 * np.arange(10)
+    smooth_path = np.stack([0.3 + 0.1 * times, 0.05 * np.sin(3 * times), 0.2 + 0 * times], 1)
+    noisy = smooth_path + rng.normal(scale=0.004, size=smooth_path.shape)
+    smoother = ChunkSmoother(jerk_weight=1e-6, tolerance_m=0.01)
+    out = smoother.smooth(times, noisy)
+
+    def jerk(p: np.ndarray) -> float:
+        return float(np.abs(np.diff(p, n=3, axis=0)).max())
+
+    assert jerk(out) < 0.5 * jerk(noisy)
+    assert np.abs(out - noisy).max() <= 0.01 + 1e-9  # never further than the tolerance
+    # The solver instance is reused for the next chunk of the same shape.
+    again = smoother.smooth(times, noisy)
+    np.testing.assert_allclose(again, out, atol=1e-6)
+    assert len(smoother._solvers) == 1
+    # Short chunks pass through unchanged.
+    np.testing.assert_array_equal(smoother.smooth(times[:3], noisy[:3]), noisy[:3])

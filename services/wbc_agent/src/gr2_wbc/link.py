@@ -12,6 +12,7 @@ import contextlib
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,6 +20,8 @@ import numpy as np
 from gr2.v1 import policy_pb2 as pb
 from gr2_client import AsyncPolicyClient, chunk_from_proto, make_observation
 
+from gr2_wbc.control.clock import ClockOffsetEstimator
+from gr2_wbc.control.smoothing import ChunkSmoother
 from gr2_wbc.control.trajectory import TrajectoryBuffer
 from gr2_wbc.loop import ObservationSample
 
@@ -40,6 +43,8 @@ class LinkReport:
     server_compute_s: list[float] = field(default_factory=list)
     server_queue_s: list[float] = field(default_factory=list)
     error: str | None = None
+    clock_offset_s: float | None = None  # server clock - robot clock, from round trips
+    clock_error_bound_s: float | None = None
 
     def latency_summary(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -70,7 +75,12 @@ class PolicyLink(threading.Thread):
         robot_id: str = "",
         api_key: str | None = None,
         stop: threading.Event,
+        robot_clock: Callable[[], float] | None = None,
+        smoother: ChunkSmoother | None = None,
     ) -> None:
+        """robot_clock: reads the robot's clock (thread-safe); with it, each round trip feeds
+        the clock-offset estimate reported in ``report``. smoother: optional chunk smoothing
+        QP applied to waypoint positions before they reach the buffer."""
         super().__init__(name="gr2-policy-link", daemon=True)
         self.target = target
         self.instruction = instruction
@@ -82,6 +92,9 @@ class PolicyLink(threading.Thread):
         self.stop_event = stop
         self.finished = threading.Event()
         self.report = LinkReport()
+        self.robot_clock = robot_clock
+        self.smoother = smoother
+        self.clock = ClockOffsetEstimator()
 
     def run(self) -> None:
         try:
@@ -134,17 +147,28 @@ class PolicyLink(threading.Thread):
             capture_time_s=sample.capture_time_s,
             joint_positions=state.q,
         )
+        t_send = self.robot_clock() if self.robot_clock else 0.0
         t0 = time.perf_counter()
         chunk = chunk_from_proto(await stream.step(obs))
         self.report.round_trip_s.append(time.perf_counter() - t0)
+        if self.robot_clock is not None and chunk.server_time_s > 0.0:
+            self.clock.add(t_send, chunk.server_time_s, self.robot_clock())
+            estimate = self.clock.estimate()
+            assert estimate is not None
+            self.report.clock_offset_s = estimate.offset_s
+            self.report.clock_error_bound_s = estimate.error_bound_s
         self.report.server_compute_s.append(chunk.compute_time_s)
         self.report.server_queue_s.append(chunk.queue_time_s)
         if chunk.seq != seq:
             raise RuntimeError(f"chunk answers seq {chunk.seq}, expected {seq}")
+        times = sample.capture_time_s + chunk.time_offsets_s
+        positions = chunk.positions
+        if self.smoother is not None:
+            positions = self.smoother.smooth(times, positions)
         self.buffer.add_chunk(
             seq,
-            sample.capture_time_s + chunk.time_offsets_s,
-            chunk.positions,
+            times,
+            positions,
             chunk.quats_wxyz,
             chunk.grippers,
         )

@@ -23,6 +23,14 @@ Sampling rules (``sample(t)``):
 
 Each sample also carries the reference's own velocity and angular velocity (the segment rates,
 and during a blend the exact derivative of the cross-fade), used as tracking feed-forward.
+
+``blend="ensemble"`` selects temporal ensembling instead (as ACT does): every chunk that covers
+``t`` contributes, weighted by ``exp(-ensemble_decay * age)`` (age: robot time since the
+chunk's origin, so a positive decay favours newer predictions), and each chunk's weight ramps
+in from its blend start and out towards its last waypoint with the min-jerk weight over
+``blend_s``, so no chunk ever enters or leaves the average with a jump. The feed-forward rates
+are the weighted rates (the weights' own derivative is left out). The newest chunk always
+contributes; older ones are dropped once past their last waypoint.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gr2_wbc.kinematics.rotations import quat_to_matrix, rotation_error, slerp
+
+BLEND_MODES = ("min_jerk", "ensemble")
 
 
 def min_jerk_weight(tau: float) -> float:
@@ -131,17 +141,32 @@ class TrajectoryBuffer:
     """Thread-safe buffer of trajectory chunks: the link thread adds, the control loop samples.
 
     Args:
-        blend_s: cross-fade duration when a newer chunk takes over [s] (0 = switch at once).
+        blend_s: cross-fade duration when a newer chunk takes over [s] (0 = switch at once);
+            in ensemble mode the ramp-in/out time of each chunk's weight.
         max_waypoints: capacity of one chunk; longer chunks are rejected.
         max_chunks: chunks kept for nested blends (a chunk arriving during a running blend).
             If more than this many arrive within one blend window the oldest is dropped.
+            Ensembling overlaps whole chunks: give it about chunk length / policy period.
+        blend: "min_jerk" (cross-fade, the default) or "ensemble" (temporal ensembling).
+        ensemble_decay: ensemble weight decay with chunk age [1/s] (> 0 favours newer).
     """
 
-    def __init__(self, blend_s: float = 0.1, max_waypoints: int = 64, max_chunks: int = 4) -> None:
+    def __init__(
+        self,
+        blend_s: float = 0.1,
+        max_waypoints: int = 64,
+        max_chunks: int = 4,
+        blend: str = "min_jerk",
+        ensemble_decay: float = 0.0,
+    ) -> None:
         if blend_s < 0.0:
             raise ValueError("blend_s must be >= 0")
         if max_chunks < 2:
             raise ValueError("max_chunks must be >= 2")
+        if blend not in BLEND_MODES:
+            raise ValueError(f"blend must be one of {BLEND_MODES}, got {blend!r}")
+        self.blend = blend
+        self.ensemble_decay = float(ensemble_decay)
         self.blend_s = float(blend_s)
         self.max_waypoints = int(max_waypoints)
         self._slots = [_Chunk(max_waypoints) for _ in range(max_chunks)]
@@ -149,6 +174,7 @@ class TrajectoryBuffer:
         self._lock = threading.Lock()
         self._latest_seq = -1
         self._tmp = TrajectorySample()
+        self._ref_quat = np.zeros(4)
 
     @property
     def latest_seq(self) -> int:
@@ -243,6 +269,8 @@ class TrajectoryBuffer:
                 if math.isnan(c.blend_start_s):  # first sample that sees this chunk
                     c.blend_start_s = max(t, float(c.times[0]), prev_start)
                 prev_start = c.blend_start_s
+            if self.blend == "ensemble":
+                return self._sample_ensemble(t, out)
             # Chunks whose blend finished fully hide everything older: drop those.
             newest_done = 0
             for idx in range(len(active) - 1, 0, -1):
@@ -291,3 +319,58 @@ class TrajectoryBuffer:
             out.expired = t > float(newest.times[newest.n - 1])
             out.chunk_age_s = float(t - newest.origin_s)
             return out
+
+    def _ramp_out_start(self, index: int) -> float:
+        """When chunk ``index`` (not the newest) starts ramping out: blend_s before its last
+        waypoint, but never before its successor has fully ramped in, so the weights never
+        all vanish together."""
+        c, successor = self._active[index], self._active[index + 1]
+        end = float(c.times[c.n - 1])
+        return max(end - self.blend_s, successor.blend_start_s + self.blend_s)
+
+    def _sample_ensemble(self, t: float, out: TrajectorySample) -> TrajectorySample:
+        """Temporal ensembling (see the module docstring); called with the lock held."""
+        active = self._active
+        while len(active) > 1 and t >= self._ramp_out_start(0) + self.blend_s:
+            del active[0]  # fully ramped out
+        newest = active[-1]
+        new = self._tmp
+        total = gripper = 0.0
+        out.position[:] = 0.0
+        out.velocity[:] = 0.0
+        out.angular_velocity[:] = 0.0
+        quat_sum = self._ref_quat
+        quat_sum[:] = 0.0
+        for index, c in enumerate(active):
+            if t < c.blend_start_s and index > 0:
+                break  # not started yet; newer chunks start later still
+            # exp(-decay * age), divided by the newest chunk's (it cancels in the average,
+            # and the newest weighs 1, so a long hold cannot underflow every weight).
+            w = math.exp(-self.ensemble_decay * (newest.origin_s - c.origin_s))
+            if self.blend_s > 0.0:
+                if index > 0:
+                    w *= min_jerk_weight((t - c.blend_start_s) / self.blend_s)
+                if c is not newest:
+                    w *= 1.0 - min_jerk_weight((t - self._ramp_out_start(index)) / self.blend_s)
+            if w <= 0.0:
+                continue
+            g = c.sample_into(t, new.position, new.quat_wxyz, new.velocity, new.angular_velocity)
+            if total == 0.0:
+                out.quat_wxyz[:] = new.quat_wxyz  # hemisphere reference for the average
+            elif new.quat_wxyz @ out.quat_wxyz < 0.0:
+                new.quat_wxyz *= -1.0
+            total += w
+            out.position += w * new.position
+            out.velocity += w * new.velocity
+            out.angular_velocity += w * new.angular_velocity
+            quat_sum += w * new.quat_wxyz
+            gripper += w * g
+        out.position /= total
+        out.velocity /= total
+        out.angular_velocity /= total
+        out.quat_wxyz[:] = quat_sum / np.linalg.norm(quat_sum)
+        out.gripper = float(gripper / total)
+        out.seq = newest.seq
+        out.expired = t > float(newest.times[newest.n - 1])
+        out.chunk_age_s = float(t - newest.origin_s)
+        return out
