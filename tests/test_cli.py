@@ -97,3 +97,56 @@ def test_serve_rejects_an_invalid_port(flag: str) -> None:
     result = run(script_path("gr2-policy-server"), "serve", flag, "70000")
     assert_clean_failure(result, "invalid settings")
     assert "70000" in result.stderr
+
+
+def test_agent_records_bounds_the_run_and_estops_on_sigusr1(tmp_path: Path) -> None:
+    """--record DIR writes ticks.npz + cameras.mp4, --max-seconds ends the run with steps
+    left (exit 0), and SIGUSR1 latches the e-stop for the rest of the run."""
+    import signal
+    import time
+
+    import imageio.v3 as iio
+    import numpy as np
+
+    record = tmp_path / "rec"
+    with run_policy_server(tmp_path, extra_args=("--torch-threads", "1")) as server:
+        agent = subprocess.Popen(
+            [
+                script_path("gr2-wbc-agent"), "run", "--server", server.grpc_target,
+                "--instruction", "pick up the red block", "--steps", "1000",
+                "--metrics-port", "0", "--record", str(record), "--max-seconds", "3",
+                "--video-fps", "10",
+            ],
+            stderr=subprocess.PIPE, text=True, env=child_env(),
+        )  # fmt: skip
+        assert agent.stderr is not None
+        lines = []
+        for line in agent.stderr:  # the handlers are installed before "running" is logged
+            lines.append(line)
+            if "running 1000 steps" in line:
+                break
+        time.sleep(1.5)
+        agent.send_signal(signal.SIGUSR1)
+        _, rest = agent.communicate(timeout=120)
+    stderr = "".join(lines) + rest
+    assert agent.returncode == 0, stderr
+    assert "--max-seconds 3 reached" in stderr and "E-STOP latched (SIGUSR1)" in stderr
+
+    summary = json.loads((record / "summary.json").read_text())
+    assert 0 < summary["steps"] < 1000
+    assert summary["safety"]["estop_latched"] and summary["safety"]["estop_reason"] == "SIGUSR1"
+    with np.load(record / "ticks.npz", allow_pickle=False) as data:
+        from gr2_wbc.recording import KEYS
+
+        assert set(data.files) == set(KEYS)
+        t, state = data["t"], data["watchdog_state"]
+        assert t.shape == (600,) and np.all(np.diff(t) > 0)  # 3 s at 200 Hz
+        for key in ("q", "qd", "q_cmd", "qd_cmd", "ee_pos", "ee_quat_wxyz", "chunk_seq"):
+            assert data[key].shape[0] == 600, key
+        estop = np.flatnonzero(state == 3)
+        assert estop.size and np.all(state[estop[0] :] == 3)  # latched to the end
+        assert np.all(data["chunk_seq"][estop[0] :] == -1)
+        assert (data["chunk_seq"][: estop[0]] >= 0).any()  # it tracked chunks before
+        np.testing.assert_array_equal(data["qd_cmd"][-20:], 0.0)
+    frames = iio.imread(record / "cameras.mp4")
+    assert frames.shape[0] >= 20 and frames.shape[3] == 3

@@ -2,13 +2,21 @@
 
 `run` connects to a policy server, checks that the served views match the robot's cameras,
 starts an episode, and tracks the streamed trajectory chunks with the 200 Hz IK-QP loop until
-the requested number of control steps is done (plus a short settle), then ends the episode.
+the requested number of control steps is done (plus a short settle), or ``--max-seconds``
+of loop time have passed, then ends the episode.
+
+Safety: the watchdog stops and holds the arm when the chunk stream goes stale; SIGUSR1 latches
+the e-stop (``kill -USR1 PID``), SIGUSR2 resets it; with ``--estop-file PATH`` the e-stop also
+latches while PATH exists. ``--record DIR`` writes DIR/ticks.npz (per-tick log, keys in
+:mod:`gr2_wbc.recording`), DIR/cameras.mp4 and DIR/summary.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import signal
 import sys
 import threading
@@ -25,6 +33,7 @@ from gr2_wbc.controller import default_ik
 from gr2_wbc.link import PolicyLink
 from gr2_wbc.loop import ControlLoop, LoopConfig
 from gr2_wbc.metrics import WBCMetrics, start_metrics_server
+from gr2_wbc.recording import TickRecorder
 from gr2_wbc.settings import AgentSettings
 
 
@@ -32,11 +41,24 @@ def log(message: str) -> None:
     print(f"[gr2-wbc-agent] {message}", file=sys.stderr, flush=True)
 
 
-def make_robot(kind: str, seed: int):  # type: ignore[no-untyped-def]
+def make_robot(kind: str, seed: int, args: argparse.Namespace | None = None):  # type: ignore[no-untyped-def]
     if kind == "sim":
         from gr2_wbc.robots.sim.backend import MujocoGen3
 
         return MujocoGen3(seed=seed)
+    if kind == "kortex":
+        from gr2_wbc.robots.base import RobotError
+        from gr2_wbc.robots.kortex.backend import KortexBackend, KortexUnavailableError
+
+        ip = getattr(args, "robot_ip", None) or os.environ.get("GR2_WBC_ROBOT_IP", "192.168.1.10")
+        user = os.environ.get("GR2_WBC_ROBOT_USER", "admin")
+        password = os.environ.get("GR2_WBC_ROBOT_PASSWORD", "admin")
+        try:
+            return KortexBackend(ip, username=user, password=password)
+        except KortexUnavailableError as exc:
+            raise SystemExit(f"{exc}; or use --robot sim") from None
+        except RobotError as exc:
+            raise SystemExit(f"cannot drive the Gen3 at {ip}: {exc}; or use --robot sim") from None
     raise SystemExit(f"robot backend {kind!r} is not available in this version; use --robot sim")
 
 
@@ -105,6 +127,19 @@ def summarise(
         "qd_cmd_max_abs": stats["qd_cmd_max_abs"],
         "video": str(video) if video else None,
         "video_frames": stats["video_frames"],
+        "safety": {
+            key: stats[key]
+            for key in (
+                "safety_state",
+                "watchdog_trips",
+                "estop_triggers",
+                "estop_latched",
+                "estop_reason",
+                "speed_clamps",
+            )
+        },
+        "max_seconds": args.max_seconds,
+        "record": str(args.record) if args.record else None,
     }
 
 
@@ -114,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     args.server = server
     rate_hz = args.rate_hz or settings.rate_hz
     metrics_port = settings.metrics_port if args.metrics_port is None else args.metrics_port
-    robot = make_robot(args.robot, args.seed)
+    robot = make_robot(args.robot, args.seed, args)
     try:
         with PolicyClient(server, api_key=settings.api_key) as client:
             info = client.server_info()
@@ -133,6 +168,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"views {[v[0] for v in info.views]} {width}x{height}, k={info.action_horizon}"
     )
 
+    safety = settings.safety_config()
+    if args.stale_after is not None:
+        safety.stale_after_s = args.stale_after
+    if args.estop_file is not None:
+        safety.estop_file = args.estop_file
+    record_video = bool(args.video or args.record)
+    video_max_frames = LoopConfig.video_max_frames
+    if args.max_seconds is not None and record_video:
+        video_max_frames = math.ceil(args.max_seconds * args.video_fps) + 1
     metrics = WBCMetrics()
     if metrics_port:
         start_metrics_server(metrics.registry, settings.metrics_host, metrics_port)
@@ -143,13 +187,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         observation_period_s=args.observation_period or settings.observation_period_s,
         camera_width=width,
         camera_height=height,
-        video_fps=args.video_fps if args.video else 0.0,
+        video_fps=args.video_fps if record_video else 0.0,
+        video_max_frames=video_max_frames,
+        safety=safety,
     )
+    recorder = None
+    if args.record is not None:
+        if args.max_seconds is not None:
+            recorder = TickRecorder.for_duration(rate_hz, args.max_seconds)
+        else:
+            recorder = TickRecorder(rate_hz)
     buffer = TrajectoryBuffer()
-    loop = ControlLoop(robot, buffer, default_ik(rate_hz), config, metrics)
+    loop = ControlLoop(robot, buffer, default_ik(rate_hz), config, metrics, recorder)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    # E-stop by signal: the handlers only latch/unlatch (no lock, no I/O); the loop logs.
+    estop = loop.safety.estop
+    signal.signal(signal.SIGUSR1, lambda *_: estop.trigger("SIGUSR1"))
+    signal.signal(signal.SIGUSR2, lambda *_: estop.reset())
     link = PolicyLink(
         server,
         args.instruction,
@@ -166,14 +222,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         target=_stop_after_link, args=(link, loop, stop, settle_ticks), daemon=True
     ).start()
     max_duration = args.steps * config.observation_period_s * 4 + args.settle + 30.0
+    if args.max_seconds is not None:
+        max_duration = min(max_duration, args.max_seconds)
     log(f"running {args.steps} steps of {args.instruction!r} at {rate_hz:g} Hz")
     try:
         loop.run(stop, max_duration_s=max_duration)
     finally:
         stop.set()
         link.join(timeout=15)
+    time_limited = args.max_seconds is not None and loop.ticks >= round(args.max_seconds * rate_hz)
+    if time_limited:
+        log(f"--max-seconds {args.max_seconds:g} reached after {link.report.steps} steps")
     video = None
-    if args.video:
+    if args.video and loop.video_frames:
         args.video.parent.mkdir(parents=True, exist_ok=True)
         video = loop.write_video(args.video)
         log(f"video: {video}")
@@ -182,6 +243,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.record is not None and recorder is not None:
+        args.record.mkdir(parents=True, exist_ok=True)
+        recorder.save(args.record / "ticks.npz")
+        if loop.video_frames:
+            loop.write_video(args.record / "cameras.mp4")
+        (args.record / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log(f"recording: {args.record} ({recorder.count} ticks, {loop.video_frames} frames)")
     lat = summary["chunk_latency"]
     if lat:
         log(
@@ -192,7 +260,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if link.report.error is not None:
         log(f"episode failed: {link.report.error}")
         return 1
-    if link.report.steps < args.steps:
+    if link.report.steps < args.steps and not time_limited:
         log(f"stopped after {link.report.steps} of {args.steps} steps")
         return 1
     return 0
@@ -206,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--server", default=None, help="HOST:PORT (env GR2_WBC_SERVER, default localhost:50051)"
     )
     run.add_argument("--robot", choices=["sim", "kortex"], default="sim")
+    run.add_argument(
+        "--robot-ip",
+        default=None,
+        help="Gen3 address for --robot kortex (env GR2_WBC_ROBOT_IP, default 192.168.1.10; "
+        "login from GR2_WBC_ROBOT_USER / GR2_WBC_ROBOT_PASSWORD, default admin/admin)",
+    )
     run.add_argument("--instruction", required=True, help="language instruction")
     run.add_argument("--steps", type=int, default=50, help="control steps (observations)")
     run.add_argument("--robot-id", default="", help="robot name recorded with the episode")
@@ -234,6 +308,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--video", type=Path, default=None, help="write an MP4 of both cameras")
     run.add_argument("--video-fps", type=float, default=10.0)
     run.add_argument("--summary", type=Path, default=None, help="write a JSON summary")
+    run.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write DIR/ticks.npz (per-tick log), DIR/cameras.mp4 and DIR/summary.json",
+    )
+    run.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="stop after this much loop time even if steps remain (exit 0)",
+    )
+    run.add_argument(
+        "--stale-after",
+        type=float,
+        default=None,
+        help="seconds without a new chunk before the watchdog stops the arm "
+        "(env GR2_WBC_STALE_AFTER_S, default 3 observation periods)",
+    )
+    run.add_argument(
+        "--estop-file",
+        type=Path,
+        default=None,
+        help="latch the e-stop while this path exists (env GR2_WBC_ESTOP_FILE)",
+    )
     run.set_defaults(func=cmd_run)
     return parser
 
@@ -242,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1:
         raise SystemExit("--steps must be at least 1")
+    if getattr(args, "max_seconds", None) is not None and args.max_seconds <= 0:
+        raise SystemExit("--max-seconds must be positive")
+    if getattr(args, "stale_after", None) is not None and args.stale_after <= 0:
+        raise SystemExit("--stale-after must be positive")
     return int(args.func(args))
 
 

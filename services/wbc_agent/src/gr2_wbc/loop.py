@@ -5,6 +5,11 @@ context belongs to the thread that created it, so camera frames are rendered her
 after the command is sent (so they never delay it) and before the backend advances (so an
 image and the state it is published with describe the same instant).
 
+Safety (:mod:`gr2_wbc.control.safety`): every tick the safety layer decides whether the
+trajectory is followed (TRACKING) or the arm brakes (STOPPING, ESTOP) or holds (HOLDING), and
+clamps the final joint, tool and gripper command. With a :class:`~gr2_wbc.recording.TickRecorder`
+each tick's state and command are logged right after the command is sent.
+
 Time: the trajectory is sampled at the ROBOT clock (``ArmState.time_s``). Pacing uses absolute
 deadlines from ``time.perf_counter`` (``next += period``), so timing errors never accumulate.
 """
@@ -25,10 +30,12 @@ from typing import Any
 import numpy as np
 
 from gr2_wbc.control.ik_qp import IKQP, PoseTask
+from gr2_wbc.control.safety import SafetyConfig, SafetyLayer, SafetyState
 from gr2_wbc.control.tracking import pose_tracking_twist
 from gr2_wbc.control.trajectory import TrajectoryBuffer, TrajectorySample
 from gr2_wbc.kinematics import gen3
 from gr2_wbc.metrics import WBCMetrics
+from gr2_wbc.recording import TickRecorder
 from gr2_wbc.robots.base import ArmState, RobotBackend
 
 
@@ -66,6 +73,7 @@ class LoopConfig:
         v_max, w_max: Cartesian speed clamps [m/s], [rad/s].
         stats_window: ticks kept in the timing ring buffers (percentiles cover this window).
         gc_every_ticks: young-generation ``gc.collect(0)`` period while gc is disabled.
+        safety: watchdog, e-stop and command limits (:class:`SafetyConfig`).
     """
 
     rate_hz: float = 200.0
@@ -84,6 +92,7 @@ class LoopConfig:
     w_max: float = 1.0
     stats_window: int = 1 << 16
     gc_every_ticks: int = 200
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
 
 
 class _Ring:
@@ -129,8 +138,10 @@ class ControlLoop:
         ik: the IK QP; it must contain a :class:`PoseTask`, whose target twist is set per tick.
         config: loop settings.
         metrics: Prometheus metrics to update (optional).
+        recorder: per-tick log to fill (optional).
 
     Attributes:
+        safety: the :class:`SafetyLayer` (``loop.safety.estop.trigger(...)`` stops the arm).
         observations: single-slot queue of the newest :class:`ObservationSample` (the link
             always gets the newest; an unconsumed older one is replaced).
     """
@@ -142,6 +153,7 @@ class ControlLoop:
         ik: IKQP,
         config: LoopConfig | None = None,
         metrics: WBCMetrics | None = None,
+        recorder: TickRecorder | None = None,
     ) -> None:
         self.backend = backend
         self.buffer = buffer
@@ -149,6 +161,10 @@ class ControlLoop:
         self.config = config or LoopConfig()
         self.metrics = metrics
         self.dt = 1.0 / self.config.rate_hz
+        self.recorder = recorder
+        self.safety = SafetyLayer(
+            self.config.safety.resolved(self.config.observation_period_s), self.dt, metrics
+        )
         self._pose_task: PoseTask = ik.find_task(PoseTask)
         self.observations: queue.Queue[ObservationSample] = queue.Queue(maxsize=1)
         n = self.config.stats_window
@@ -164,8 +180,7 @@ class ControlLoop:
         self.observations_produced = 0
         self.max_tracking_error_m = 0.0
         self.last_tracking_error_m = math.nan
-        self._hold_q: np.ndarray | None = None
-        self._gripper_cmd: float | None = None
+        self._gripper_cmd = math.nan
         self._next_obs_t: float | None = None
         self._next_video_t: float | None = None
         self._render_jobs: collections.deque[_RenderJob] = collections.deque()
@@ -231,6 +246,8 @@ class ControlLoop:
                     self.deadline_misses += 1
                     if self.metrics is not None:
                         self.metrics.deadline_misses.inc()
+                    if self.recorder is not None:
+                        self.recorder.mark_deadline_miss()
                     next_deadline += period * math.floor((end - next_deadline) / period)
                 if cfg.gc_every_ticks > 0 and self.ticks % cfg.gc_every_ticks == 0:
                     gc.collect(0)
@@ -265,17 +282,17 @@ class ControlLoop:
         np.minimum(self.q_min_seen, q, out=self.q_min_seen)
         np.maximum(self.q_max_seen, q, out=self.q_max_seen)
         np.maximum(self.qd_max_abs_seen, np.abs(state.qd), out=self.qd_max_abs_seen)
-        sample = self.buffer.sample(state.time_s, out=self._sample)
-        if self._gripper_cmd is None:
-            self._gripper_cmd = float(state.gripper)
-        if sample is None:
-            if self._hold_q is None:  # latch once: re-reading q each tick would let it sag
-                self._hold_q = q.copy()
-            qd = np.zeros(gen3.N_JOINTS)
-            q_cmd = self._hold_q
-        else:
-            self._hold_q = None
+        t = state.time_s
+        sample = self.buffer.sample(t, out=self._sample)
+        safety = self.safety
+        mode = safety.update(t, sample)
+        qd_ik = None
+        gripper_target = None
+        seq = -1
+        if mode == SafetyState.TRACKING and sample is not None:
             tool = gen3.tool_pose(q)
+            err = float(np.linalg.norm(sample.position - tool[:3, 3]))
+            safety.shape_target(t, sample, tool)  # smooth start after a (re)start
             ff = None
             if cfg.feedforward:
                 ff = self._ff
@@ -299,16 +316,17 @@ class ControlLoop:
                 self.qp_last_failure = result.status
             elif "relaxed" in result.status:
                 self.qp_relaxations += 1
-            qd = result.qd
-            q_cmd = q + qd * self.dt
-            self._gripper_cmd = sample.gripper
-            err = float(np.linalg.norm(sample.position - tool[:3, 3]))
+            qd_ik = result.qd
+            gripper_target = sample.gripper
+            seq = sample.seq
             self.last_tracking_error_m = err
             self.max_tracking_error_m = max(self.max_tracking_error_m, err)
             if self.metrics is not None:
                 self.metrics.qp_solve.observe(result.solve_time_s)
                 self.metrics.tracking_error.set(err)
                 self.metrics.chunk_age.set(sample.chunk_age_s)
+        q_cmd, qd = safety.command(q, qd_ik)
+        self._gripper_cmd = safety.gripper_command(gripper_target, state.gripper)
         np.maximum(self.qd_cmd_max_abs, np.abs(qd), out=self.qd_cmd_max_abs)
         self.ik.note_command(qd)
         self.backend.send_command(q_cmd, qd, self._gripper_cmd)
@@ -316,6 +334,11 @@ class ControlLoop:
         self._compute.push(compute)
         if self.metrics is not None:
             self.metrics.tick_compute.observe(compute)
+        if self.recorder is not None:
+            self.recorder.record(
+                state, q_cmd, qd, self._gripper_cmd, seq, int(safety.state),
+                safety.last_scale, compute,
+            )  # fmt: skip
         self._maybe_render(state)
         self.backend.advance(self.dt)
         self.final_q = q
@@ -448,6 +471,7 @@ class ControlLoop:
             "q_max_seen": vec(self.q_max_seen),
             "qd_max_abs_seen": vec(self.qd_max_abs_seen),
             "qd_cmd_max_abs": vec(self.qd_cmd_max_abs),
+            **self.safety.stats(),
         }
         for name, ring in (
             ("loop_period", self._period),

@@ -53,6 +53,9 @@ METRIC_NAMES: tuple[str, ...] = (
     "gr2_wbc_tracking_error_meters",
     "gr2_wbc_chunk_age_seconds",
     "gr2_wbc_watchdog_trips_total",
+    "gr2_wbc_watchdog_state",
+    "gr2_wbc_estops_total",
+    "gr2_wbc_speed_clamps_total",
 )
 """Every metric the agent exports (dashboards and alerts may rely on each)."""
 
@@ -69,6 +72,10 @@ class WBCMetrics:
         tracking_error: gauge of ``||p_target - p_tool||`` [m].
         chunk_age: gauge of the robot time since the current chunk's origin [s].
         watchdog_trips: counter of stale-trajectory stops (incremented by the safety layer).
+        watchdog_state: gauge of the safety state (0 TRACKING, 1 STOPPING, 2 HOLDING, 3 ESTOP;
+            :class:`~gr2_wbc.control.safety.SafetyState`).
+        estops: counter of e-stops latched.
+        speed_clamps: counter of ticks whose command a joint or tool speed clamp scaled down.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -110,6 +117,21 @@ class WBCMetrics:
         self.watchdog_trips = Counter(
             "gr2_wbc_watchdog_trips",
             "Times the watchdog stopped the arm because the trajectory was stale.",
+            registry=r,
+        )
+        self.watchdog_state = Gauge(
+            "gr2_wbc_watchdog_state",
+            "Safety state: 0 tracking, 1 stopping, 2 holding, 3 e-stop.",
+            registry=r,
+        )
+        self.estops = Counter(
+            "gr2_wbc_estops",
+            "Emergency stops latched (API, signal or e-stop file).",
+            registry=r,
+        )
+        self.speed_clamps = Counter(
+            "gr2_wbc_speed_clamps",
+            "Control ticks whose command was scaled down by a joint or tool speed clamp.",
             registry=r,
         )
 
