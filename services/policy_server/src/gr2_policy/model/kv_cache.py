@@ -103,15 +103,20 @@ class RollingKVCache:
         q_act[count:] = True
         return write_index, q_step, q_pos, q_act
 
+    def _slot_keys(self, slots: list[int]) -> Tensor:
+        """Key indices of whole step slots, in slot order."""
+        p = self.tokens_per_step
+        return (torch.tensor(slots)[:, None] * p + torch.arange(p)).flatten().to(self.k.device)
+
     def snapshot(self, steps_ahead: int) -> CacheSnapshot:
         """Save the slots that the next ``steps_ahead`` steps would overwrite."""
-        h, p = self.history, self.tokens_per_step
+        h = self.history
         snap = CacheSnapshot(
             slots=[], k=[], v=[], key_step=[], key_pos=[], next_step=self.next_step.clone()
         )
         for item, first in enumerate(self.next_step.tolist()):
             slots = sorted({(first + ahead) % h for ahead in range(steps_ahead)})
-            keys = torch.cat([torch.arange(s * p, (s + 1) * p) for s in slots]).to(self.k.device)
+            keys = self._slot_keys(slots)
             snap.slots.append(slots)
             snap.k.append(self.k[:, item].index_select(2, keys))
             snap.v.append(self.v[:, item].index_select(2, keys))
@@ -122,9 +127,8 @@ class RollingKVCache:
     def restore(self, snap: CacheSnapshot) -> None:
         """Put back what ``snapshot`` saved (and the step counter): the cache is then
         bit-identical to the moment of the snapshot, apart from the [ACT] scratch slot."""
-        p = self.tokens_per_step
         for item, slots in enumerate(snap.slots):
-            keys = torch.cat([torch.arange(s * p, (s + 1) * p) for s in slots]).to(self.k.device)
+            keys = self._slot_keys(slots)
             self.k[:, item].index_copy_(2, keys, snap.k[item])
             self.v[:, item].index_copy_(2, keys, snap.v[item])
             self.key_step[item, keys] = snap.key_step[item]
