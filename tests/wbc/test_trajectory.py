@@ -8,7 +8,12 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from gr2_wbc.control.trajectory import TrajectoryBuffer, TrajectorySample, min_jerk_weight
+from gr2_wbc.control.trajectory import (
+    TrajectoryBuffer,
+    TrajectorySample,
+    min_jerk_weight,
+    monotone_tangents,
+)
 
 
 def quat_z(angle: float) -> np.ndarray:
@@ -48,7 +53,7 @@ def test_empty_buffer_samples_none() -> None:
 
 
 def test_interpolates_positions_linearly_and_orientations_by_slerp() -> None:
-    buf = TrajectoryBuffer()
+    buf = TrajectoryBuffer(interpolation="linear")
     ts = np.array([1.0, 1.5, 2.5])
     pos = np.array([[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.1, 0.2, 0.0]])
     quats = np.array([quat_z(0.0), quat_z(0.6), quat_z(1.6)])
@@ -64,6 +69,52 @@ def test_interpolates_positions_linearly_and_orientations_by_slerp() -> None:
     assert np.linalg.norm(s.quat_wxyz) == pytest.approx(1.0)
     assert s.seq == 3 and not s.expired
     assert s.chunk_age_s == pytest.approx(1.25)
+
+
+def test_cubic_interpolation_is_monotone_and_velocity_continuous() -> None:
+    """The default cubic passes through every waypoint, stays within each segment's end
+    values (no overshoot, even for a 0.5 m step), and its velocity is continuous across
+    waypoints and equals the derivative of its position."""
+    rng = np.random.default_rng(0)
+    k = 12
+    ts = 2.0 + np.cumsum(rng.uniform(0.03, 0.08, k))
+    pos = np.cumsum(rng.normal(0.0, 0.02, (k, 3)), axis=0)
+    pos[6:, 1] += 0.5  # a step
+    quats = np.tile(quat_z(0.0), (k, 1))
+    buf = TrajectoryBuffer()
+    assert buf.interpolation == "cubic"
+    assert buf.add_chunk(0, ts, pos, quats, np.zeros(k))
+    for i in range(k):
+        np.testing.assert_allclose(sample(buf, ts[i]).position, pos[i], atol=1e-12)
+    h = 1e-6
+    for i in range(k - 1):
+        seg = np.linspace(ts[i], ts[i + 1], 9)[1:-1]
+        lo, hi = np.minimum(pos[i], pos[i + 1]), np.maximum(pos[i], pos[i + 1])
+        for t in seg:
+            s = sample(buf, t)
+            assert np.all(s.position >= lo - 1e-12) and np.all(s.position <= hi + 1e-12)
+            fd = (sample(buf, t + h).position - sample(buf, t - h).position) / (2 * h)
+            np.testing.assert_allclose(s.velocity, fd, atol=1e-5)
+    for i in range(1, k - 1):  # continuity at the interior waypoints
+        before, after = sample(buf, ts[i] - 1e-9).velocity, sample(buf, ts[i] + 1e-9).velocity
+        np.testing.assert_allclose(before, after, atol=1e-6)
+
+
+def test_monotone_tangents_flatten_at_extrema_and_match_a_straight_line() -> None:
+    ts = np.array([0.0, 0.1, 0.3, 0.4])
+    line = np.outer(ts, [1.0, -2.0, 0.0])
+    slopes = np.diff(line, axis=0) / np.diff(ts)[:, None]
+    np.testing.assert_allclose(monotone_tangents(ts, slopes), np.tile([1.0, -2.0, 0.0], (4, 1)))
+    peak = np.array([[0.0], [1.0], [0.0], [-1.0]])
+    slopes = np.diff(peak, axis=0) / np.diff(ts)[:, None]
+    m = monotone_tangents(ts, slopes)
+    assert m[1, 0] == 0.0  # extremum at a knot
+    assert m[2, 0] < 0.0
+
+
+def test_interpolation_mode_is_validated() -> None:
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        TrajectoryBuffer(interpolation="spline")
 
 
 def test_quaternions_are_normalised_and_take_the_short_way() -> None:
