@@ -372,3 +372,29 @@ def test_clamps_hold_for_random_commands_and_poses() -> None:
         assert np.linalg.norm(twist[3:]) <= 1.0 + 1e-9
         np.testing.assert_allclose(qd, qd_in * layer.last_scale)  # direction kept
         np.testing.assert_allclose(q_cmd, q + qd * DT)
+
+
+def test_joint_range_guard_never_commands_past_a_limit() -> None:
+    """At or beyond a limit the command never moves further out (and never yanks back);
+    inside, q_cmd = q + qd dt is untouched."""
+    layer = SafetyLayer(SafetyConfig().resolved(0.2), DT)
+    layer.update(0.0, TrajectorySample(seq=0))
+    limited = np.isfinite(gen3.JOINT_UPPER)
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        q = rng.uniform(-1.0, 1.0, 7)
+        near = rng.uniform(-2e-3, 1e-3, 7)  # inside by up to 2 mrad, or past by up to 1 mrad
+        q[limited] = np.where(rng.random(limited.sum()) < 0.5, 1.0, -1.0) * (
+            gen3.JOINT_UPPER[limited] + near[limited]
+        )
+        qd_in = rng.normal(0.0, 0.5, 7)
+        q_cmd, qd = layer.command(q, qd_in)
+        assert np.all(q_cmd <= gen3.JOINT_UPPER) and np.all(q_cmd >= gen3.JOINT_LOWER)
+        assert np.all(np.abs(qd) <= np.abs(qd_in) + 1e-12)  # only ever shrinks
+        assert np.all(np.sign(qd) * np.sign(qd_in) >= 0.0)  # never reverses
+        over = (q >= gen3.JOINT_UPPER) | (q <= gen3.JOINT_LOWER)
+        outward = np.where(q >= gen3.JOINT_UPPER, qd > 0.0, qd < 0.0)
+        assert not np.any(over & outward)
+    inside = gen3.HOME_Q.copy()
+    q_cmd, qd = layer.command(inside, np.full(7, 0.1))
+    np.testing.assert_allclose(q_cmd, inside + qd * DT)

@@ -316,6 +316,7 @@ class SafetyLayer:
         self._hold_q = np.zeros(n)
         self._hold_valid = False
         self._ratio = np.zeros(n)
+        self._room = np.zeros(n)
         self._reach = _tool_reach()
         self._v = np.zeros(3)
         self._w = np.zeros(3)
@@ -438,8 +439,9 @@ class SafetyLayer:
         valid until the next call).
 
         TRACKING uses ``qd_tracking`` (the IK's velocity), STOPPING/ESTOP brake, HOLDING
-        holds the position latched when the arm came to rest. The speed clamps apply to all;
-        ``q_cmd = q + qd dt`` except while holding.
+        holds the position latched when the arm came to rest. The speed clamps and the
+        joint-range guard apply to all; ``q_cmd = q + qd dt`` (within the joint range) except
+        while holding.
         """
         qd = self._qd
         state = self.state
@@ -456,16 +458,36 @@ class SafetyLayer:
             if state == SafetyState.STOPPING:
                 self.state = SafetyState.HOLDING
         self._clamp(q, qd)
+        self._keep_in_range(q, qd)
         self._last_qd[:] = qd
         if self.state != SafetyState.TRACKING and not self.brake.active:
             if not self._hold_valid:  # latch once: re-reading q each tick would let it sag
-                self._hold_q[:] = q
+                np.clip(q, gen3.JOINT_LOWER, gen3.JOINT_UPPER, out=self._hold_q)
                 self._hold_valid = True
             return self._hold_q, qd
         self._hold_valid = False
         np.multiply(qd, self.dt, out=self._q_cmd)
         self._q_cmd += q
+        np.clip(self._q_cmd, gen3.JOINT_LOWER, gen3.JOINT_UPPER, out=self._q_cmd)
         return self._q_cmd, qd
+
+    def _keep_in_range(self, q: np.ndarray, qd: np.ndarray) -> None:
+        """Last guard on the joint range: ``qd`` never moves a joint past its limit within
+        this tick (nor further out, if the measured position already overshot it).
+
+        The IK's position dampers keep ``q + qd dt`` inside the range only to the QP's
+        tolerance (~1e-6 rad at a limit); this makes the command exact. It never pushes a
+        joint back in (that could be a large velocity), and it only ever shrinks ``qd``.
+        """
+        room = self._room
+        np.subtract(gen3.JOINT_UPPER, q, out=room)
+        room /= self.dt
+        np.maximum(room, 0.0, out=room)
+        np.minimum(qd, room, out=qd)
+        np.subtract(gen3.JOINT_LOWER, q, out=room)
+        room /= self.dt
+        np.minimum(room, 0.0, out=room)
+        np.maximum(qd, room, out=qd)
 
     def _clamp(self, q: np.ndarray, qd: np.ndarray) -> None:
         """Scale ``qd`` in place to respect the joint and tool speed clamps."""
