@@ -56,8 +56,13 @@ class RecordingBackend:
     def render_cameras(self, width: int, height: int) -> dict[str, np.ndarray]:
         return self.inner.render_cameras(width, height)
 
-    def render_view(self, name: str, width: int, height: int) -> np.ndarray:
-        return self.inner.render_view(name, width, height)
+    def capture_scene(self) -> object:
+        return self.inner.capture_scene()
+
+    def render_view(
+        self, name: str, width: int, height: int, scene: object | None = None
+    ) -> np.ndarray:
+        return self.inner.render_view(name, width, height, scene)
 
     def close(self) -> None:
         self.inner.close()
@@ -183,17 +188,23 @@ def test_observations_are_produced_on_robot_time_newest_first(robot: RecordingBa
         assert image.std() > 0  # a rendered scene, not a blank buffer
 
 
-def test_first_observation_is_captured_at_tick_zero(robot: RecordingBackend) -> None:
-    """One view is rendered per tick: the two views of the first observation are done by
-    tick 1, stamped with tick 0's capture time and state."""
-    loop = make_loop(robot, TrajectoryBuffer(), observation_period_s=0.2)
-    loop.run(threading.Event(), max_duration_s=DT)
-    assert loop.observations.empty()
-    loop.run(threading.Event(), max_duration_s=DT)
-    assert loop.stats()["ticks"] == 2
+def test_observation_images_show_the_capture_instant(robot: RecordingBackend) -> None:
+    """The first observation is captured at tick 0 and rendered in the camera thread from
+    that tick's scene: while the arm moves on, its images still show the start."""
+    buffer = TrajectoryBuffer()
+    start = robot.inner.read_state()
+    buffer.add_chunk(0, *sideways_chunk(start, dy=0.15))
+    at_start = robot.inner.render_cameras(64, 64)
+    loop = make_loop(robot, buffer, observation_period_s=0.2)
+    loop.run(threading.Event(), max_duration_s=39 * DT)  # the next observation is tick 40
+    assert loop.stats()["observations_produced"] == 1
     obs = loop.observations.get_nowait()
-    assert obs.capture_time_s == robot.states[0].time_s
-    assert obs.state.time_s == robot.states[0].time_s
+    assert obs.capture_time_s == robot.states[0].time_s == obs.state.time_s
+    now = robot.inner.render_cameras(64, 64)
+    assert np.linalg.norm(robot.inner.read_state().ee_position - start.ee_position) > 0.01
+    for name in robot.camera_names:
+        np.testing.assert_array_equal(obs.images[name], at_start[name])
+    assert not np.array_equal(obs.images["wrist"], now["wrist"])  # the arm did move
 
 
 def test_metrics_expose_all_names_over_http(robot: RecordingBackend) -> None:

@@ -121,6 +121,7 @@ class SlowBackend:
         self.read_state = inner.read_state
         self.send_command = inner.send_command
         self.render_view = inner.render_view
+        self.capture_scene = inner.capture_scene
         self.render_cameras = inner.render_cameras
         self.close = inner.close
         self.ticks = 0

@@ -9,12 +9,16 @@ Safety: the watchdog stops and holds the arm when the chunk stream goes stale; S
 the e-stop (``kill -USR1 PID``), SIGUSR2 resets it; with ``--estop-file PATH`` the e-stop also
 latches while PATH exists. ``--record DIR`` writes DIR/ticks.npz (per-tick log, keys in
 :mod:`gr2_wbc.recording`), DIR/cameras.mp4 and DIR/summary.json.
+
+Real time: the loop thread runs SCHED_FIFO at ``--rt-priority`` (default 80) with memory
+locked when the process is permitted; otherwise it runs SCHED_OTHER and logs how to allow it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import signal
@@ -27,12 +31,13 @@ from typing import Any
 import grpc
 import numpy as np
 from gr2_client import ClientError, PolicyClient
+from pydantic import ValidationError
 
-from gr2_wbc.control.trajectory import TrajectoryBuffer
 from gr2_wbc.controller import default_ik
 from gr2_wbc.link import PolicyLink
 from gr2_wbc.loop import ControlLoop, LoopConfig
 from gr2_wbc.metrics import WBCMetrics, start_metrics_server
+from gr2_wbc.realtime import RealtimeStatus
 from gr2_wbc.recording import TickRecorder
 from gr2_wbc.settings import AgentSettings
 
@@ -80,6 +85,10 @@ def _stop_after_link(
     stop.set()
 
 
+def _log_realtime(status: RealtimeStatus) -> None:
+    log(f"real time: {status.message}")
+
+
 def summarise(
     args: argparse.Namespace, link: PolicyLink, loop: ControlLoop, video: Path | None
 ) -> dict[str, Any]:
@@ -97,6 +106,18 @@ def summarise(
         "requested_steps": args.steps,
         "error": link.report.error,
         "chunk_latency": link.report.latency_summary(),
+        "clock": {  # server clock - robot clock, from round trips (gr2_wbc.control.clock)
+            "offset_s": link.report.clock_offset_s,
+            "error_bound_s": link.report.clock_error_bound_s,
+        },
+        "trajectory": {
+            "blend": link.buffer.blend,
+            "blend_s": link.buffer.blend_s,
+            "ensemble_decay": link.buffer.ensemble_decay,
+            "interpolation": link.buffer.interpolation,
+            "smooth_chunks": link.smoother is not None,
+        },
+        "realtime": loop.realtime_status.to_dict() if loop.realtime_status else None,
         "loop": {
             "rate_hz": loop.config.rate_hz,
             "realtime": loop.config.realtime,
@@ -143,11 +164,93 @@ def summarise(
     }
 
 
+def load_settings() -> AgentSettings | None:
+    """The agent's settings from the environment; None (after logging what is wrong)
+    when a GR2_WBC_ variable is invalid."""
+    try:
+        return AgentSettings()
+    except ValidationError as err:
+        problems = "; ".join(
+            f"GR2_WBC_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in err.errors()
+        )
+        log(f"invalid setting: {problems}")
+        return None
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    """Track a scripted figure-eight (no policy server) and judge the result."""
+    from gr2_wbc.selftest import run_selftest
+
+    settings = load_settings()
+    if settings is None:
+        return 2
+    rate_hz = args.rate_hz or settings.rate_hz
+    rt_priority = settings.rt_priority if args.rt_priority is None else args.rt_priority
+    robot = make_robot(args.robot, args.seed, args)
+    config = LoopConfig(
+        rate_hz=rate_hz,
+        realtime=True,
+        observation_period_s=settings.observation_period_s,
+        safety=settings.safety_config(),
+        rt_priority=rt_priority,
+    )
+    buffer = settings.trajectory_buffer(args.blend)
+    recorder = TickRecorder.for_duration(rate_hz, args.seconds)
+    log(
+        f"self-test on {args.robot}: figure-eight (+-{args.half_width * 1e3:g} mm across, "
+        f"+-{args.half_width * 5e2:g} mm up) for {args.seconds:g} s at {rate_hz:g} Hz, "
+        f"{args.delay * 1e3:g} ms simulated inference, blend {buffer.blend}"
+    )
+    try:
+        result = run_selftest(
+            robot,
+            args.seconds,
+            config,
+            delay_s=args.delay,
+            buffer=buffer,
+            reference_kwargs={
+                "half_width_m": args.half_width,
+                "half_height_m": args.half_width / 2,
+            },
+            recorder=recorder,
+        )
+    finally:
+        robot.close()
+    status = result.loop.realtime_status
+    figures = {**result.figures, "scheduler": status.to_dict() if status else None}
+    if args.record is not None:
+        args.record.mkdir(parents=True, exist_ok=True)
+        recorder.save(args.record / "ticks.npz")
+        (args.record / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+    rms = figures["tracking"]["rms_error_m"]
+    timing = figures["timing"]
+    problems = []
+    if not rms < args.max_rms_mm * 1e-3:
+        problems.append(f"RMS tool error {rms * 1e3:.2f} mm > {args.max_rms_mm:g} mm")
+    if figures["watchdog_trips"]:
+        problems.append(f"{figures['watchdog_trips']} watchdog trips")
+    if timing["qp_failures"]:
+        problems.append(f"{timing['qp_failures']} QP fallbacks")
+    log(
+        f"RMS tool error {rms * 1e3:.2f} mm, tick compute p99 "
+        f"{timing['tick_compute_p99_ms']:.2f} ms, {timing['deadline_misses']} deadline misses"
+    )
+    if problems:
+        log("self-test FAILED: " + "; ".join(problems))
+        return 1
+    log("self-test passed")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = AgentSettings()
+    settings = load_settings()
+    if settings is None:
+        return 2
     server = args.server or settings.server
     args.server = server
     rate_hz = args.rate_hz or settings.rate_hz
+    rt_priority = settings.rt_priority if args.rt_priority is None else args.rt_priority
     metrics_port = settings.metrics_port if args.metrics_port is None else args.metrics_port
     robot = make_robot(args.robot, args.seed, args)
     try:
@@ -190,6 +293,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         video_fps=args.video_fps if record_video else 0.0,
         video_max_frames=video_max_frames,
         safety=safety,
+        # --no-realtime runs unpaced: a SCHED_FIFO thread that never sleeps would starve the
+        # link and gRPC threads on its core, so real time is not tried (and the log says so).
+        rt_priority=0 if args.no_realtime else rt_priority,
     )
     recorder = None
     if args.record is not None:
@@ -197,7 +303,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             recorder = TickRecorder.for_duration(rate_hz, args.max_seconds)
         else:
             recorder = TickRecorder(rate_hz)
-    buffer = TrajectoryBuffer()
+    blend = args.blend or settings.blend
+    max_chunks = 4
+    if blend == "ensemble":  # every chunk that still covers the present takes part
+        chunk_s = info.action_horizon * info.waypoint_dt_s
+        max_chunks = max(max_chunks, math.ceil(chunk_s / config.observation_period_s) + 1)
+    buffer = settings.trajectory_buffer(blend, max_chunks=max_chunks)
+    smooth = settings.smooth_chunks if args.smooth_chunks is None else args.smooth_chunks
+    smoother = settings.chunk_smoother() if smooth else None
     loop = ControlLoop(robot, buffer, default_ik(rate_hz), config, metrics, recorder)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -215,6 +328,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         robot_id=args.robot_id,
         api_key=settings.api_key,
         stop=stop,
+        robot_clock=loop.robot_time_s,
+        smoother=smoother,
     )
     link.start()
     settle_ticks = int(args.settle * rate_hz)
@@ -224,9 +339,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     max_duration = args.steps * config.observation_period_s * 4 + args.settle + 30.0
     if args.max_seconds is not None:
         max_duration = min(max_duration, args.max_seconds)
+    log(
+        f"trajectory: {buffer.interpolation} interpolation, blend {buffer.blend} over "
+        f"{buffer.blend_s:g} s"
+        + (f", ensemble decay {buffer.ensemble_decay:g}/s" if blend == "ensemble" else "")
+        + (
+            f", chunk smoothing (jerk weight {smoother.jerk_weight:g}, tolerance "
+            f"{smoother.tolerance_m * 1e3:g} mm)"
+            if smoother
+            else ", no chunk smoothing"
+        )
+    )
     log(f"running {args.steps} steps of {args.instruction!r} at {rate_hz:g} Hz")
     try:
-        loop.run(stop, max_duration_s=max_duration)
+        loop.run(stop, max_duration_s=max_duration, on_realtime=_log_realtime)
     finally:
         stop.set()
         link.join(timeout=15)
@@ -252,10 +378,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         log(f"recording: {args.record} ({recorder.count} ticks, {loop.video_frames} frames)")
     lat = summary["chunk_latency"]
     if lat:
+        clock = summary["clock"]
+        offset = ""
+        if clock["offset_s"] is not None:
+            offset = (
+                f", clock offset {clock['offset_s']:.4f} s +- {clock['error_bound_s'] * 1e3:.1f} ms"
+            )
         log(
             f"episode {summary['episode_id']}: {summary['steps']} steps, round trip p50 "
             f"{lat['round_trip_p50_s'] * 1e3:.1f} ms p99 {lat['round_trip_p99_s'] * 1e3:.1f} ms, "
-            f"{summary['loop']['deadline_misses']} deadline misses"
+            f"{summary['loop']['deadline_misses']} deadline misses{offset}"
         )
     if link.report.error is not None:
         log(f"episode failed: {link.report.error}")
@@ -300,6 +432,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the simulation as fast as possible (same controller logic)",
     )
     run.add_argument(
+        "--rt-priority",
+        type=int,
+        default=None,
+        metavar="N",
+        help="SCHED_FIFO priority of the loop thread (1-99, with memory locked) when "
+        "permitted, else SCHED_OTHER with a logged hint (env GR2_WBC_RT_PRIORITY, default 80; "
+        "0: off; --no-realtime: off)",
+    )
+    run.add_argument(
+        "--blend",
+        choices=["min_jerk", "ensemble"],
+        default=None,
+        help="how a new chunk takes over: min-jerk cross-fade or temporal ensembling "
+        "(env GR2_WBC_BLEND, default min_jerk; GR2_WBC_BLEND_S, GR2_WBC_ENSEMBLE_DECAY)",
+    )
+    run.add_argument(
+        "--smooth-chunks",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="smooth each chunk's waypoints with a small jerk QP (env GR2_WBC_SMOOTH_CHUNKS, "
+        "default off; GR2_WBC_SMOOTH_JERK_WEIGHT, GR2_WBC_SMOOTH_TOLERANCE_M)",
+    )
+    run.add_argument(
         "--metrics-port",
         type=int,
         default=None,
@@ -335,17 +490,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="latch the e-stop while this path exists (env GR2_WBC_ESTOP_FILE)",
     )
     run.set_defaults(func=cmd_run)
+
+    test = sub.add_parser(
+        "selftest",
+        help="track a scripted figure-eight without a policy server (commissioning check)",
+        description="Stream a figure-eight around the tool's current position as chunks, "
+        "answering each observation after a simulated inference delay, and track it in real "
+        "time. Prints JSON (timing, tracking error) and exits 1 if the RMS tool error "
+        "exceeds --max-rms-mm, the watchdog trips or the QP falls back. On --robot kortex "
+        "THE ARM MOVES: +-half-width across and +-half-width/2 up and down.",
+    )
+    test.add_argument("--robot", choices=["sim", "kortex"], default="sim")
+    test.add_argument("--robot-ip", default=None, help="as for run")
+    test.add_argument("--seed", type=int, default=0, help="sim scene seed")
+    test.add_argument("--seconds", type=float, default=20.0, help="duration [s]")
+    test.add_argument("--rate-hz", type=float, default=None, help="loop rate (default 200)")
+    test.add_argument("--delay", type=float, default=0.1, help="simulated inference [s]")
+    test.add_argument("--half-width", type=float, default=0.10, help="figure half-width [m]")
+    test.add_argument("--blend", choices=["min_jerk", "ensemble"], default=None)
+    test.add_argument("--rt-priority", type=int, default=None, metavar="N", help="as for run")
+    test.add_argument("--max-rms-mm", type=float, default=5.0, help="pass threshold [mm]")
+    test.add_argument(
+        "--record", type=Path, default=None, metavar="DIR", help="write ticks.npz, summary.json"
+    )
+    test.set_defaults(func=cmd_selftest)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="[gr2-wbc-agent] %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "selftest":
+        if args.seconds <= 0 or args.delay < 0 or not 0 < args.half_width <= 0.2:
+            parser.error("selftest needs --seconds > 0, --delay >= 0, 0 < --half-width <= 0.2")
+        if args.rt_priority is not None and not 0 <= args.rt_priority <= 99:
+            parser.error("--rt-priority must be 0 (off) to 99")
+        return int(args.func(args))
     if args.steps < 1:
         raise SystemExit("--steps must be at least 1")
     if getattr(args, "max_seconds", None) is not None and args.max_seconds <= 0:
         raise SystemExit("--max-seconds must be positive")
     if getattr(args, "stale_after", None) is not None and args.stale_after <= 0:
         raise SystemExit("--stale-after must be positive")
+    if getattr(args, "rt_priority", None) is not None and not 0 <= args.rt_priority <= 99:
+        raise SystemExit("--rt-priority must be 0 (off) to 99")
     return int(args.func(args))
 
 

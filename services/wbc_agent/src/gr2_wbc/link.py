@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -24,6 +25,8 @@ from gr2_wbc.control.clock import ClockOffsetEstimator
 from gr2_wbc.control.smoothing import ChunkSmoother
 from gr2_wbc.control.trajectory import TrajectoryBuffer
 from gr2_wbc.loop import ObservationSample
+
+logger = logging.getLogger("gr2_wbc.link")
 
 OUTCOMES = {
     "unspecified": pb.EPISODE_OUTCOME_UNSPECIFIED,
@@ -151,6 +154,8 @@ class PolicyLink(threading.Thread):
         t0 = time.perf_counter()
         chunk = chunk_from_proto(await stream.step(obs))
         self.report.round_trip_s.append(time.perf_counter() - t0)
+        if seq == 0:
+            logger.info("first chunk: round trip %.1f ms", self.report.round_trip_s[0] * 1e3)
         if self.robot_clock is not None and chunk.server_time_s > 0.0:
             self.clock.add(t_send, chunk.server_time_s, self.robot_clock())
             estimate = self.clock.estimate()

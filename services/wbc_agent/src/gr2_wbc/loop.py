@@ -1,9 +1,11 @@
 """The 200 Hz control loop: trajectory sample -> pose twist -> IK QP -> joint command.
 
-Everything runs in the thread that calls :meth:`ControlLoop.run`: the MuJoCo renderer's GL
-context belongs to the thread that created it, so camera frames are rendered here too, right
-after the command is sent (so they never delay it) and before the backend advances (so an
-image and the state it is published with describe the same instant).
+Everything of a tick runs in the thread that calls :meth:`ControlLoop.run`. Cameras do not:
+when an observation (or a video frame) is due, the tick captures the state and the backend's
+scene snapshot and hands them to a :class:`~gr2_wbc.cameras.CameraWorker`, which renders in
+its own thread, so the images and the state published together describe the same instant
+and a tick never waits for a camera. With ``realtime=False`` the loop waits for each frame
+(results do not depend on the machine's speed).
 
 Safety (:mod:`gr2_wbc.control.safety`): every tick the safety layer decides whether the
 trajectory is followed (TRACKING) or the arm brakes (STOPPING, ESTOP) or holds (HOLDING), and
@@ -12,46 +14,39 @@ each tick's state and command are logged right after the command is sent.
 
 Time: the trajectory is sampled at the ROBOT clock (``ArmState.time_s``). Pacing uses absolute
 deadlines from ``time.perf_counter`` (``next += period``), so timing errors never accumulate.
+Other threads read the robot clock between ticks with :meth:`ControlLoop.robot_time_s`.
+
+Real time: with ``LoopConfig.rt_priority`` set, :meth:`ControlLoop.run` makes its thread
+SCHED_FIFO and locks memory when permitted (:mod:`gr2_wbc.realtime`) and undoes it on exit.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import gc
 import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gr2_wbc.cameras import CameraWorker, CaptureJob, ObservationSample, VideoFrames
 from gr2_wbc.control.ik_qp import IKQP, PoseTask
 from gr2_wbc.control.safety import SafetyConfig, SafetyLayer, SafetyState
 from gr2_wbc.control.tracking import pose_tracking_twist
 from gr2_wbc.control.trajectory import TrajectoryBuffer, TrajectorySample
 from gr2_wbc.kinematics import gen3
 from gr2_wbc.metrics import WBCMetrics
+from gr2_wbc.realtime import RealtimeStatus, enter_realtime, leave_realtime
 from gr2_wbc.recording import TickRecorder
 from gr2_wbc.robots.base import ArmState, RobotBackend
+from gr2_wbc.timing import TimingRing
 
-
-@dataclass
-class ObservationSample:
-    """What the link sends to the policy: camera images and the arm state at one instant.
-
-    Attributes:
-        capture_time_s: robot-clock time of the images and the state [s].
-        images: camera name -> RGB image, shape (height, width, 3), uint8.
-        state: the arm state read at ``capture_time_s``.
-    """
-
-    capture_time_s: float
-    images: dict[str, np.ndarray]
-    state: ArmState
+__all__ = ["ControlLoop", "LoopConfig", "ObservationSample"]
 
 
 @dataclass
@@ -74,6 +69,9 @@ class LoopConfig:
         stats_window: ticks kept in the timing ring buffers (percentiles cover this window).
         gc_every_ticks: young-generation ``gc.collect(0)`` period while gc is disabled.
         safety: watchdog, e-stop and command limits (:class:`SafetyConfig`).
+        rt_priority: None (default): leave the thread's scheduling alone. Otherwise
+            :meth:`ControlLoop.run` calls :func:`gr2_wbc.realtime.enter_realtime` with it
+            (1..99: SCHED_FIFO + locked memory when permitted; 0: tried nothing, recorded).
     """
 
     rate_hz: float = 200.0
@@ -93,40 +91,7 @@ class LoopConfig:
     stats_window: int = 1 << 16
     gc_every_ticks: int = 200
     safety: SafetyConfig = field(default_factory=SafetyConfig)
-
-
-class _Ring:
-    """Fixed-size float ring of timing samples (no allocation per push)."""
-
-    def __init__(self, size: int) -> None:
-        self.data = np.zeros(size)
-        self.count = 0
-
-    def push(self, value: float) -> None:
-        self.data[self.count % self.data.shape[0]] = value
-        self.count += 1
-
-    def values(self) -> np.ndarray:
-        return self.data[: min(self.count, self.data.shape[0])]
-
-    def percentiles(self, prefix: str) -> dict[str, float]:
-        v = self.values()
-        if v.size == 0:
-            return {f"{prefix}_p50_s": math.nan, f"{prefix}_p99_s": math.nan}
-        p50, p99 = np.percentile(v, (50.0, 99.0))
-        return {f"{prefix}_p50_s": float(p50), f"{prefix}_p99_s": float(p99)}
-
-
-@dataclass
-class _RenderJob:
-    """Camera views still to render for one observation or video frame."""
-
-    kind: str  # "obs" or "video"
-    time_s: float
-    state: ArmState
-    width: int
-    height: int
-    images: dict[str, np.ndarray] = field(default_factory=dict)
+    rt_priority: int | None = None
 
 
 class ControlLoop:
@@ -144,6 +109,8 @@ class ControlLoop:
         safety: the :class:`SafetyLayer` (``loop.safety.estop.trigger(...)`` stops the arm).
         observations: single-slot queue of the newest :class:`ObservationSample` (the link
             always gets the newest; an unconsumed older one is replaced).
+        realtime_status: what :meth:`run` got from :func:`gr2_wbc.realtime.enter_realtime`
+            (None when ``config.rt_priority`` is None or before the first run).
     """
 
     def __init__(
@@ -168,8 +135,7 @@ class ControlLoop:
         self._pose_task: PoseTask = ik.find_task(PoseTask)
         self.observations: queue.Queue[ObservationSample] = queue.Queue(maxsize=1)
         n = self.config.stats_window
-        self._period, self._compute, self._qp = _Ring(n), _Ring(n), _Ring(n)
-        self._render = _Ring(n)
+        self._period, self._compute, self._qp = TimingRing(n), TimingRing(n), TimingRing(n)
         self._sample = TrajectorySample()
         self._ff = np.zeros(6)
         self.ticks = 0
@@ -177,17 +143,19 @@ class ControlLoop:
         self.qp_failures = 0
         self.qp_last_failure: str | None = None
         self.qp_relaxations = 0
-        self.observations_produced = 0
         self.max_tracking_error_m = 0.0
         self.last_tracking_error_m = math.nan
         self._gripper_cmd = math.nan
         self._next_obs_t: float | None = None
         self._next_video_t: float | None = None
-        self._render_jobs: collections.deque[_RenderJob] = collections.deque()
         self._warm_sizes: set[tuple[int, int]] = set()
-        self._video: np.ndarray | None = None
-        self.video_frames = 0
-        self.video_dropped = 0
+        cfg = self.config
+        self.video: VideoFrames | None = None
+        if cfg.video_fps > 0.0 and backend.camera_names:
+            self.video = VideoFrames(
+                cfg.video_max_frames, cfg.video_width, cfg.video_height, backend.camera_names
+            )
+        self.cameras = CameraWorker(backend, self.observations, self.video, n)
         self.initial_q: np.ndarray | None = None
         self.final_q: np.ndarray | None = None
         # Running extremes of measured q and of |qd| (measured and commanded), shape (7,).
@@ -195,14 +163,50 @@ class ControlLoop:
         self.q_max_seen = np.full(gen3.N_JOINTS, -np.inf)
         self.qd_max_abs_seen = np.zeros(gen3.N_JOINTS)
         self.qd_cmd_max_abs = np.zeros(gen3.N_JOINTS)
+        self.realtime_status: RealtimeStatus | None = None
+        # (robot time of the latest tick's state [s], perf_counter when it was read [s]),
+        # replaced as one tuple so a reader in another thread never sees a torn pair.
+        self._clock_ref: tuple[float, float] | None = None
+        self._clock_last = -math.inf  # newest value robot_time_s returned (monotonic guard)
+        self._clock_lock = threading.Lock()  # readers only; the loop thread never takes it
 
-    def run(self, stop: threading.Event, max_duration_s: float | None = None) -> None:
+    def robot_time_s(self) -> float:
+        """The robot clock now [s], readable from any thread between ticks.
+
+        The robot time of the latest tick's state plus the wall time (``perf_counter``)
+        elapsed since that state was read, capped at one period: past it the next tick's
+        state is due, and when the loop runs faster or slower than wall time (``realtime``
+        False, or overruns) the wall clock says nothing about the robot's. So the value
+        lies within one tick after the latest state time, and it never decreases (a value
+        below one already returned is raised to it). Before the first tick: 0.0 (no state
+        read yet; the link reads it only after an observation, which a tick produces).
+        """
+        ref = self._clock_ref
+        if ref is None:
+            return 0.0
+        state_time, read_at = ref
+        now = state_time + min(max(time.perf_counter() - read_at, 0.0), self.dt)
+        with self._clock_lock:
+            if now < self._clock_last:
+                now = self._clock_last
+            self._clock_last = now
+        return now
+
+    def run(
+        self,
+        stop: threading.Event,
+        max_duration_s: float | None = None,
+        *,
+        on_realtime: Callable[[RealtimeStatus], None] | None = None,
+    ) -> None:
         """Run ticks in the calling thread until ``stop`` is set or the duration is reached.
 
         Args:
             stop: set it (from any thread) to end the loop after the current tick.
             max_duration_s: loop time to run [s] = ticks x period (wall time when
                 ``realtime``, robot/sim time otherwise); ``None`` runs until ``stop``.
+            on_realtime: called (in this thread, before the first tick) with the
+                :class:`RealtimeStatus` when ``config.rt_priority`` is set, e.g. to log it.
 
         Why gc is frozen and disabled for the duration: a full collection walks every live
         object (~70k objects, ~30 ms measured with MuJoCo, numpy and gRPC loaded) and would
@@ -217,11 +221,16 @@ class ControlLoop:
         max_ticks = None if max_duration_s is None else round(max_duration_s * cfg.rate_hz)
         period = self.dt
         self._warm_up_cameras()
+        rt = None
         gc_was_enabled = gc.isenabled()
-        gc.collect()
-        gc.freeze()
-        gc.disable()
         try:
+            if cfg.rt_priority is not None:  # before the clock starts: mlockall faults pages in
+                rt = self.realtime_status = enter_realtime(cfg.rt_priority)
+                if on_realtime is not None:
+                    on_realtime(rt)
+            gc.collect()
+            gc.freeze()
+            gc.disable()
             next_deadline = time.perf_counter()
             last_start = math.nan
             done = 0
@@ -255,6 +264,11 @@ class ControlLoop:
             gc.unfreeze()
             if gc_was_enabled:
                 gc.enable()
+            if rt is not None:
+                leave_realtime(rt)
+        # Frames captured by the last ticks are published before run() returns.
+        self.cameras.wait_idle(timeout=5.0)
+        self.cameras.raise_error()
 
     def _warm_up_cameras(self) -> None:
         """Render every camera once at each size this run will use, before the clock starts:
@@ -276,6 +290,7 @@ class ControlLoop:
         cfg = self.config
         t0 = time.perf_counter()
         state = self.backend.read_state()
+        self._clock_ref = (state.time_s, t0)
         q = state.q
         if self.initial_q is None:
             self.initial_q = q.copy()
@@ -339,84 +354,54 @@ class ControlLoop:
                 state, q_cmd, qd, self._gripper_cmd, seq, int(safety.state),
                 safety.last_scale, compute,
             )  # fmt: skip
-        self._maybe_render(state)
+        self._maybe_capture(state)
         self.backend.advance(self.dt)
         self.final_q = q
         self.ticks += 1
 
-    def _maybe_render(self, state: ArmState) -> None:
-        """Start observation (and video) frames when due, on robot time (the first
-        observation at tick 0), then render at most ONE camera view this tick.
-
-        One view per tick keeps each tick inside its budget when rendering is slow (software
-        EGL: ~3 ms a view); an observation's views are therefore rendered on consecutive
-        ticks, 1/rate apart, and stamped with the capture time of the first.
-        """
+    def _maybe_capture(self, state: ArmState) -> None:
+        """Hand an observation (and a video frame) to the camera worker when due on robot
+        time (the first observation at tick 0). Capturing is cheap (a copy of the scene);
+        the rendering happens in the worker's thread."""
         cfg = self.config
         t = state.time_s
         if self._next_obs_t is None:
             self._next_obs_t = t if cfg.observation_period_s > 0.0 else math.inf
+        jobs = 0
         if t >= self._next_obs_t - 1e-9:
-            if not any(job.kind == "obs" for job in self._render_jobs):
-                self._render_jobs.appendleft(
-                    _RenderJob("obs", t, state, cfg.camera_width, cfg.camera_height)
-                )
             self._next_obs_t += cfg.observation_period_s
-            if self._next_obs_t <= t:  # fell behind (slow render): restart the grid from now
+            if self._next_obs_t <= t:  # fell behind: restart the grid from now
                 self._next_obs_t = t + cfg.observation_period_s
-        if cfg.video_fps > 0.0:
+            scene = self.backend.capture_scene()
+            job = CaptureJob("obs", t, state, scene, cfg.camera_width, cfg.camera_height)
+            self.cameras.submit(job)
+            jobs += 1
+        if self.video is not None:
             if self._next_video_t is None:
                 self._next_video_t = t
             if t >= self._next_video_t - 1e-9:
                 self._next_video_t += 1.0 / cfg.video_fps
-                if any(job.kind == "video" for job in self._render_jobs):
-                    self.video_dropped += 1
-                else:
-                    self._render_jobs.append(
-                        _RenderJob("video", t, state, cfg.video_width, cfg.video_height)
-                    )
-        if not self._render_jobs:
-            return
-        job = self._render_jobs[0]
-        name = self.backend.camera_names[len(job.images)]
-        r0 = time.perf_counter()
-        job.images[name] = self.backend.render_view(name, job.width, job.height)
-        if job.kind == "obs":
-            self._render.push(time.perf_counter() - r0)
-        if len(job.images) < len(self.backend.camera_names):
-            return
-        self._render_jobs.popleft()
-        if job.kind == "obs":
-            self._publish(
-                ObservationSample(capture_time_s=job.time_s, images=job.images, state=job.state)
-            )
-        else:
-            self._store_video_frame(job.images)
+                scene = self.backend.capture_scene()
+                job = CaptureJob("video", t, state, scene, cfg.video_width, cfg.video_height)
+                self.cameras.submit(job)
+                jobs += 1
+        if jobs and not cfg.realtime:  # unpaced: every frame, whatever the machine's speed
+            self.cameras.wait_idle()
 
-    def _publish(self, obs: ObservationSample) -> None:
-        """Put ``obs`` in the single-slot queue, replacing an unconsumed older one."""
-        while True:
-            try:
-                self.observations.put_nowait(obs)
-                break
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    self.observations.get_nowait()
-        self.observations_produced += 1
+    @property
+    def observations_produced(self) -> int:
+        """Observations published so far."""
+        return self.cameras.observations_produced
 
-    def _store_video_frame(self, images: dict[str, np.ndarray]) -> None:
-        cfg = self.config
-        w, h = cfg.video_width, cfg.video_height
-        names = self.backend.camera_names
-        if self._video is None:  # np.empty reserves; pages are touched only when written
-            self._video = np.empty((cfg.video_max_frames, h, w * len(names), 3), np.uint8)
-        if self.video_frames >= cfg.video_max_frames:
-            self.video_dropped += 1
-            return
-        frame = self._video[self.video_frames]
-        for i, name in enumerate(names):
-            frame[:, i * w : (i + 1) * w] = images[name]
-        self.video_frames += 1
+    @property
+    def video_frames(self) -> int:
+        """Video frames recorded so far."""
+        return 0 if self.video is None else self.video.count
+
+    @property
+    def video_dropped(self) -> int:
+        """Video frames not recorded (the worker was busy, or the capacity was reached)."""
+        return self.cameras.video_dropped + (0 if self.video is None else self.video.dropped)
 
     def write_video(self, path: str | Path) -> Path:
         """Write the recorded frames (cameras side by side) as an MP4 (H.264) to ``path``.
@@ -424,17 +409,14 @@ class ControlLoop:
         Raises:
             RuntimeError: if nothing was recorded (``video_fps`` = 0 or no tick ran).
         """
-        import imageio.v2 as imageio
-
-        if self._video is None or self.video_frames == 0:
+        self.cameras.wait_idle(timeout=5.0)
+        if self.video is None or self.video.count == 0:
             raise RuntimeError("no video frames recorded (set LoopConfig.video_fps > 0)")
-        out = Path(path)
-        with imageio.get_writer(
-            out, fps=self.config.video_fps, codec="libx264", macro_block_size=1
-        ) as writer:
-            for frame in self._video[: self.video_frames]:
-                writer.append_data(frame)
-        return out
+        return self.video.write(path, self.config.video_fps)
+
+    def close(self) -> None:
+        """Stop the camera worker's thread (the backend is the caller's to close)."""
+        self.cameras.close()
 
     def stats(self) -> dict[str, Any]:
         """JSON-ready summary of the run so far.
@@ -448,12 +430,10 @@ class ControlLoop:
         def vec(a: np.ndarray | None) -> list[float] | None:
             return None if a is None else [float(x) for x in a]
 
-        periods = self._period.values()
         q0, q1 = self.initial_q, self.final_q
         out: dict[str, Any] = {
             "ticks": self.ticks,
             "deadline_misses": self.deadline_misses,
-            "loop_period_max_s": float(periods.max()) if periods.size else math.nan,
             "qp_failures": self.qp_failures,
             "qp_last_failure": self.qp_last_failure,
             "qp_relaxations": self.qp_relaxations,
@@ -477,7 +457,7 @@ class ControlLoop:
             ("loop_period", self._period),
             ("tick_compute", self._compute),
             ("qp_solve", self._qp),
-            ("render", self._render),
+            ("render", self.cameras.render_times),
         ):
             out.update(ring.percentiles(name))
         return out

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gr2_wbc.control.safety import SafetyConfig
+from gr2_wbc.control.smoothing import ChunkSmoother
+from gr2_wbc.control.trajectory import TrajectoryBuffer
+from gr2_wbc.realtime import DEFAULT_PRIORITY
 
 
 class AgentSettings(BaseSettings):
-    """The agent's settings; the safety limits are documented in :class:`SafetyConfig`."""
+    """The agent's settings; the safety limits are documented in :class:`SafetyConfig`, the
+    trajectory ones in :class:`TrajectoryBuffer` and :class:`ChunkSmoother`, real time in
+    :mod:`gr2_wbc.realtime`."""
 
     model_config = SettingsConfigDict(env_prefix="GR2_WBC_", extra="ignore")
 
@@ -21,6 +27,47 @@ class AgentSettings(BaseSettings):
     metrics_port: int = Field(9102, ge=0, le=65535, description="port of /metrics (0: off)")
     rate_hz: float = Field(200.0, gt=0, description="control loop rate")
     observation_period_s: float = Field(0.2, gt=0, description="seconds between observations")
+    rt_priority: int = Field(
+        DEFAULT_PRIORITY,
+        ge=0,
+        le=99,
+        description="SCHED_FIFO priority of the control-loop thread, with memory locked, "
+        "when permitted (otherwise it runs SCHED_OTHER and logs how to allow it); 0: off",
+    )
+    # Trajectory layer (DESIGN.md section 7, point 1; see gr2_wbc.control.trajectory).
+    blend: Literal["min_jerk", "ensemble"] = Field(
+        "min_jerk",
+        description="how a new chunk takes over: min_jerk (cross-fade over blend_s) or "
+        "ensemble (temporal ensembling of every chunk covering the time, as ACT does)",
+    )
+    blend_s: float = Field(
+        0.1,
+        ge=0,
+        description="cross-fade duration when a newer chunk takes over [s] (0: switch at "
+        "once); with ensemble, the ramp-in/out time of each chunk's weight",
+    )
+    ensemble_decay: float = Field(
+        0.0,
+        ge=0,
+        description="ensemble weight decay with chunk age [1/s] (> 0 favours newer chunks; "
+        "0: equal weights)",
+    )
+    interpolation: Literal["cubic", "linear"] = Field(
+        "cubic",
+        description="between waypoints: cubic (monotone Hermite, continuous velocity) or "
+        "linear (the velocity jumps at every waypoint)",
+    )
+    smooth_chunks: bool = Field(
+        False, description="smooth each chunk's waypoint positions with a small jerk QP"
+    )
+    smooth_jerk_weight: float = Field(
+        1e-6, ge=0, description="chunk smoothing: weight of the squared jerk [s^6] (0: off)"
+    )
+    smooth_tolerance_m: float = Field(
+        0.01,
+        ge=0,
+        description="chunk smoothing: most a smoothed waypoint may move from the policy's [m]",
+    )
     # Safety (DESIGN.md section 7, point 3; see gr2_wbc.control.safety).
     stale_after_s: float | None = Field(
         None,
@@ -45,6 +92,22 @@ class AgentSettings(BaseSettings):
     estop_file: Path | None = Field(
         None, description="e-stop latches while this path exists (checked every 50 ms)"
     )
+
+    def trajectory_buffer(self, blend: str | None = None, max_chunks: int = 4) -> TrajectoryBuffer:
+        """The loop's :class:`TrajectoryBuffer`; ``blend`` overrides :attr:`blend`."""
+        return TrajectoryBuffer(
+            blend_s=self.blend_s,
+            max_chunks=max_chunks,
+            blend=blend or self.blend,
+            ensemble_decay=self.ensemble_decay,
+            interpolation=self.interpolation,
+        )
+
+    def chunk_smoother(self) -> ChunkSmoother:
+        """The link's :class:`ChunkSmoother` (used when :attr:`smooth_chunks` or the flag)."""
+        return ChunkSmoother(
+            jerk_weight=self.smooth_jerk_weight, tolerance_m=self.smooth_tolerance_m
+        )
 
     def safety_config(self) -> SafetyConfig:
         """The loop's :class:`SafetyConfig` from these settings."""

@@ -67,8 +67,17 @@ class RobotBackend(Protocol):
         """Capture every camera: name -> RGB image, shape (height, width, 3), uint8."""
         ...
 
-    def render_view(self, name: str, width: int, height: int) -> np.ndarray:
-        """Capture one camera (a name in ``camera_names``): RGB, (height, width, 3), uint8."""
+    def capture_scene(self) -> object | None:
+        """What the cameras would see now, cheaply (called in the control loop's thread):
+        the sim copies its joint positions; live cameras return ``None`` (they are read
+        when rendered)."""
+        ...
+
+    def render_view(
+        self, name: str, width: int, height: int, scene: object | None = None
+    ) -> np.ndarray:
+        """Capture one camera (a name in ``camera_names``): RGB, (height, width, 3), uint8,
+        of ``scene`` (from :meth:`capture_scene`; ``None``: now). Callable from any thread."""
         ...
 
     def close(self) -> None:

@@ -33,7 +33,9 @@ than ``feedback_max_age_s``), and otherwise calls ``RefreshFeedback`` (a read-on
 In the control loop (read, compute, send, wait) the state of tick k is thus the feedback of the
 command of tick k-1, one period old at most, for one UDP round trip per tick.
 
-Threading: drive one backend from one thread (the control loop); nothing here is locked.
+Threading: drive one backend from one thread (the control loop); nothing here is locked,
+except that :meth:`KortexBackend.render_view` is called from the loop's camera thread: the
+injected camera sources must be safe to call from there.
 """
 
 from __future__ import annotations
@@ -392,8 +394,15 @@ class KortexBackend:
     def advance(self, dt: float) -> None:
         """Nothing to do: on hardware time passes by itself (the loop keeps the deadlines)."""
 
-    def render_view(self, name: str, width: int, height: int) -> np.ndarray:
-        """Capture camera ``name`` from the injected sources: RGB (height, width, 3) uint8.
+    def capture_scene(self) -> None:
+        """Live cameras: nothing to capture ahead; a frame is read when rendered."""
+        return None
+
+    def render_view(
+        self, name: str, width: int, height: int, scene: object | None = None
+    ) -> np.ndarray:
+        """Capture camera ``name`` from the injected sources: RGB (height, width, 3) uint8
+        (``scene`` is ignored: the sources are live).
 
         Raises:
             RobotError: no such camera (the Gen3 wrist camera is RTSP, not handled here) or a

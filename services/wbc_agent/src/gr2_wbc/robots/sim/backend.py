@@ -2,17 +2,19 @@
 
 Headless rendering: set ``MUJOCO_GL=egl`` (or ``osmesa``) before ``mujoco`` is imported.
 
-Threading: MuJoCo's ``Renderer`` owns an OpenGL context bound to the thread that created it.
-All ``render_*`` calls of one ``MujocoGen3`` must therefore come from one thread (the first
-one that renders); a call from another thread raises :class:`RobotError` instead of crashing
-inside the GL driver. Physics calls (``read_state``, ``send_command``, ``advance``) are not
-locked either: drive the backend from one thread (the control loop).
+Threading: MuJoCo's ``Renderer`` owns an OpenGL context bound to the thread that created it,
+so every ``MujocoGen3`` renders in a GL thread of its own (started at the first render, ended
+by :meth:`MujocoGen3.close`): ``render_view`` may be called from any thread and waits for the
+image. Rendering uses a separate ``MjData`` set from the scene snapshot
+(:meth:`MujocoGen3.capture_scene`: the joint positions), so it never reads the physics'
+``data`` while another thread steps it. Physics calls (``read_state``, ``send_command``,
+``advance``) are not locked: drive them from one thread (the control loop).
 """
 
 from __future__ import annotations
 
 import math
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import mujoco
 import numpy as np
@@ -62,7 +64,8 @@ class MujocoGen3:
         self._flange_site = m.site("flange").id
         self._block_bodies = {c: m.body(f"block_{c}").id for c in scene.BLOCK_COLOURS}
         self._renderers: dict[tuple[int, int], mujoco.Renderer] = {}
-        self._render_thread: int | None = None
+        self._gl: ThreadPoolExecutor | None = None  # the GL thread, one worker
+        self._render_data: mujoco.MjData | None = None  # used in the GL thread only
         self._closed = False
         self.reset(gen3.HOME_Q if initial_q is None else initial_q)
 
@@ -145,30 +148,44 @@ class MujocoGen3:
 
     # -- cameras ------------------------------------------------------------------------
 
-    def render_view(self, name: str, width: int, height: int) -> np.ndarray:
+    def capture_scene(self) -> np.ndarray:
+        """The scene now, for :meth:`render_view`: a copy of ``qpos`` (arm, fingers, blocks)."""
+        return self.data.qpos.copy()
+
+    def render_view(
+        self, name: str, width: int, height: int, scene: object | None = None
+    ) -> np.ndarray:
         """Render camera ``name`` ("head" or "wrist"): RGB, shape (height, width, 3), uint8.
+
+        Args:
+            scene: a :meth:`capture_scene` snapshot; ``None`` renders the scene now (call it
+                from the thread that steps the physics, or between steps).
 
         Raises:
             ValueError: unknown camera or a size beyond the offscreen buffer (1280 x 1024).
-            RobotError: called after :meth:`close` or from a thread other than the one that
-                rendered first (the GL context belongs to that thread).
+            RobotError: called after :meth:`close`.
         """
         if name not in self.camera_names:
             raise ValueError(f"unknown camera {name!r}; have {self.camera_names}")
-        renderer = self._renderer(width, height)
-        renderer.update_scene(self.data, camera=name)
-        return renderer.render()
+        if self._closed:
+            raise RobotError("render after close()")
+        qpos = self.capture_scene() if scene is None else np.asarray(scene)
+        if self._gl is None:
+            self._gl = ThreadPoolExecutor(1, thread_name_prefix="gr2-sim-gl")
+        return self._gl.submit(self._render_in_gl_thread, name, width, height, qpos).result()
 
     def render_cameras(self, width: int, height: int) -> dict[str, np.ndarray]:
         """Render every camera: name -> RGB, shape (height, width, 3), uint8."""
         return {n: self.render_view(n, width, height) for n in self.camera_names}
 
     def close(self) -> None:
-        """Free the renderers (GL contexts); idempotent. Physics stays usable."""
-        for renderer in self._renderers.values():
-            renderer.close()
-        self._renderers.clear()
+        """Free the renderers (GL contexts, in their thread) and end the GL thread;
+        idempotent. Physics stays usable."""
         self._closed = True
+        if self._gl is not None:
+            self._gl.submit(self._free_renderers).result()
+            self._gl.shutdown()
+            self._gl = None
 
     def __enter__(self) -> MujocoGen3:
         return self
@@ -178,14 +195,26 @@ class MujocoGen3:
 
     # -- helpers ------------------------------------------------------------------------
 
+    def _render_in_gl_thread(
+        self, name: str, width: int, height: int, qpos: np.ndarray
+    ) -> np.ndarray:
+        data = self._render_data
+        if data is None:
+            data = self._render_data = mujoco.MjData(self.model)
+        data.qpos[:] = qpos
+        mujoco.mj_kinematics(self.model, data)  # body, geom and site poses
+        mujoco.mj_camlight(self.model, data)  # camera and light poses
+        renderer = self._renderer(width, height)
+        renderer.update_scene(data, camera=name)
+        return renderer.render()
+
+    def _free_renderers(self) -> None:
+        for renderer in self._renderers.values():
+            renderer.close()
+        self._renderers.clear()
+
     def _renderer(self, width: int, height: int) -> mujoco.Renderer:
-        if self._closed:
-            raise RobotError("render after close()")
-        me = threading.get_ident()
-        if self._render_thread is None:
-            self._render_thread = me
-        elif self._render_thread != me:
-            raise RobotError("render from a thread other than the one that owns the GL context")
+        """The renderer for one image size (GL thread only)."""
         key = (int(width), int(height))
         renderer = self._renderers.get(key)
         if renderer is None:
