@@ -520,9 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="[gr2-wbc-agent] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(  # libraries: warnings and up; the agent's own modules: info
+        level=logging.WARNING, format="[gr2-wbc-agent] %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("gr2_wbc").setLevel(logging.INFO)
     if args.command == "selftest":
         if args.seconds <= 0 or args.delay < 0 or not 0 < args.half_width <= 0.2:
             parser.error("selftest needs --seconds > 0, --delay >= 0, 0 < --half-width <= 0.2")
