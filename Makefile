@@ -11,6 +11,7 @@ export MUJOCO_GL ?= egl
 export PYTHONUNBUFFERED := 1
 
 PACKAGE_FILES := proto/pyproject.toml clients/pyproject.toml services/wbc_agent/pyproject.toml \
+	training/pyproject.toml \
 	services/policy_server/pyproject.toml requirements-dev.txt constraints.txt
 
 .PHONY: install system-deps demo test lint format proto clean
@@ -26,7 +27,7 @@ $(STAMP): $(PACKAGE_FILES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt \
 		torch==2.13.0 \
-		-e proto -e clients -e services/wbc_agent -e services/policy_server \
+		-e proto -e clients -e services/wbc_agent -e services/policy_server -e training \
 		-r requirements-dev.txt
 	@touch $(STAMP)
 
