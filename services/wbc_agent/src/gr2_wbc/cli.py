@@ -5,6 +5,12 @@ starts an episode, and tracks the streamed trajectory chunks with the 200 Hz IK-
 the requested number of control steps is done (plus a short settle), or ``--max-seconds``
 of loop time have passed, then ends the episode.
 
+Tasks (sim only): ``--task NAME --seed N`` runs the task of :mod:`gr2_wbc.tasks` in the scene
+of seed N: the instruction is the task's (an explicit ``--instruction`` must match it), the
+task's success check runs at every observation, and by default (``--stop-on-success``) the
+episode ends ``--success-settle`` seconds after the first success, with outcome SUCCESS. The
+summary's ``task`` entry holds the verdict, the success time and the numbers it was decided on.
+
 Safety: the watchdog stops and holds the arm when the chunk stream goes stale; SIGUSR1 latches
 the e-stop (``kill -USR1 PID``), SIGUSR2 resets it; with ``--estop-file PATH`` the e-stop also
 latches while PATH exists. ``--record DIR`` writes DIR/ticks.npz (per-tick log, keys in
@@ -40,6 +46,14 @@ from gr2_wbc.metrics import WBCMetrics, start_metrics_server
 from gr2_wbc.realtime import RealtimeStatus
 from gr2_wbc.recording import TickRecorder
 from gr2_wbc.settings import AgentSettings
+from gr2_wbc.tasks import (
+    SUCCESS_SETTLE_S,
+    TaskCheckedRobot,
+    TaskError,
+    TaskInstance,
+    TaskMonitor,
+    sample_task,
+)
 
 
 def log(message: str) -> None:
@@ -87,6 +101,29 @@ def _stop_after_link(
 
 def _log_realtime(status: RealtimeStatus) -> None:
     log(f"real time: {status.message}")
+
+
+def resolve_task(args: argparse.Namespace) -> TaskInstance | None:
+    """The task instance of ``--task``/``--seed`` (and ``args.instruction`` set from it), or
+    None without ``--task``; SystemExit on an unknown task, a non-sim robot or an
+    ``--instruction`` that is not the task's."""
+    if args.task is None:
+        if not args.instruction:
+            raise SystemExit("run needs --instruction TEXT or --task NAME")
+        return None
+    if args.robot != "sim":
+        raise SystemExit("--task needs --robot sim (the success checks read the simulation)")
+    try:
+        instance = sample_task(args.task, args.seed)
+    except TaskError as err:
+        raise SystemExit(str(err)) from None
+    if args.instruction is not None and args.instruction != instance.instruction:
+        raise SystemExit(
+            f"--instruction {args.instruction!r} does not match task {args.task!r} seed "
+            f"{args.seed}: {instance.instruction!r} (leave --instruction out)"
+        )
+    args.instruction = instance.instruction
+    return instance
 
 
 def summarise(
@@ -252,6 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     rate_hz = args.rate_hz or settings.rate_hz
     rt_priority = settings.rt_priority if args.rt_priority is None else args.rt_priority
     metrics_port = settings.metrics_port if args.metrics_port is None else args.metrics_port
+    instance = resolve_task(args)
     robot = make_robot(args.robot, args.seed, args)
     try:
         with PolicyClient(server, api_key=settings.api_key) as client:
@@ -311,8 +349,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     buffer = settings.trajectory_buffer(blend, max_chunks=max_chunks)
     smooth = settings.smooth_chunks if args.smooth_chunks is None else args.smooth_chunks
     smoother = settings.chunk_smoother() if smooth else None
-    loop = ControlLoop(robot, buffer, default_ik(rate_hz), config, metrics, recorder)
     stop = threading.Event()
+    link: PolicyLink | None = None
+    monitor = None
+    backend = robot
+    if instance is not None:
+
+        def end_on_success() -> None:  # the loop thread, settle_s after the first success
+            if link is not None:
+                link.stop_outcome = "success"
+            stop.set()
+
+        monitor = TaskMonitor(
+            robot,
+            instance,
+            config.observation_period_s,
+            settle_s=args.success_settle,
+            on_settled=end_on_success if args.stop_on_success else None,
+        )
+        backend = TaskCheckedRobot(robot, monitor)
+        log(f"task {instance.name} seed {instance.seed}: {instance.instruction!r}")
+    loop = ControlLoop(backend, buffer, default_ik(rate_hz), config, metrics, recorder)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     # E-stop by signal: the handlers only latch/unlatch (no lock, no I/O); the loop logs.
@@ -359,12 +416,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     time_limited = args.max_seconds is not None and loop.ticks >= round(args.max_seconds * rate_hz)
     if time_limited:
         log(f"--max-seconds {args.max_seconds:g} reached after {link.report.steps} steps")
+    stopped_on_success = monitor is not None and monitor.settled and args.stop_on_success
+    if monitor is not None:
+        monitor.check()  # the final state (the loop has stopped: safe to read the sim here)
     video = None
     if args.video and loop.video_frames:
         args.video.parent.mkdir(parents=True, exist_ok=True)
         video = loop.write_video(args.video)
         log(f"video: {video}")
     summary = summarise(args, link, loop, video)
+    if monitor is not None:
+        summary["task"] = {**monitor.summary(), "stopped_on_success": stopped_on_success}
+        task = summary["task"]
+        log(
+            f"task {task['name']} seed {task['seed']}: "
+            + (f"SUCCESS at {task['success_time_s']:.2f} s" if task["success"] else "not done")
+        )
     robot.close()
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
@@ -392,7 +459,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if link.report.error is not None:
         log(f"episode failed: {link.report.error}")
         return 1
-    if link.report.steps < args.steps and not time_limited:
+    if link.report.steps < args.steps and not time_limited and not stopped_on_success:
         log(f"stopped after {link.report.steps} of {args.steps} steps")
         return 1
     return 0
@@ -412,10 +479,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="Gen3 address for --robot kortex (env GR2_WBC_ROBOT_IP, default 192.168.1.10; "
         "login from GR2_WBC_ROBOT_USER / GR2_WBC_ROBOT_PASSWORD, default admin/admin)",
     )
-    run.add_argument("--instruction", required=True, help="language instruction")
+    run.add_argument(
+        "--instruction", default=None, help="language instruction (required without --task)"
+    )
+    run.add_argument(
+        "--task",
+        default=None,
+        help="sim task (touch, pick, push; gr2_wbc.tasks): its instruction for --seed, "
+        "checked at every observation; the summary gets a 'task' entry",
+    )
+    run.add_argument(
+        "--stop-on-success",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --task: end the episode (outcome SUCCESS) --success-settle seconds after "
+        "the task first succeeds (default on)",
+    )
+    run.add_argument(
+        "--success-settle",
+        type=float,
+        default=SUCCESS_SETTLE_S,
+        help=f"seconds from success to the end with --stop-on-success (default "
+        f"{SUCCESS_SETTLE_S:g})",
+    )
     run.add_argument("--steps", type=int, default=50, help="control steps (observations)")
     run.add_argument("--robot-id", default="", help="robot name recorded with the episode")
-    run.add_argument("--seed", type=int, default=0, help="sim scene seed")
+    run.add_argument(
+        "--seed", type=int, default=0, help="sim scene seed (and the task's target with --task)"
+    )
     run.add_argument("--rate-hz", type=float, default=None, help="loop rate (default 200)")
     run.add_argument(
         "--observation-period",
@@ -534,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--steps must be at least 1")
     if getattr(args, "max_seconds", None) is not None and args.max_seconds <= 0:
         raise SystemExit("--max-seconds must be positive")
+    if getattr(args, "success_settle", 0.0) < 0:
+        raise SystemExit("--success-settle must be >= 0")
     if getattr(args, "stale_after", None) is not None and args.stale_after <= 0:
         raise SystemExit("--stale-after must be positive")
     if getattr(args, "rt_priority", None) is not None and not 0 <= args.rt_priority <= 99:

@@ -94,6 +94,9 @@ class PolicyLink(threading.Thread):
         self.api_key = api_key
         self.stop_event = stop
         self.finished = threading.Event()
+        # The outcome EndEpisode reports when ``stop`` ends the episode before max_steps;
+        # a caller that stops on success sets "success" before setting ``stop``.
+        self.stop_outcome = "aborted"
         self.report = LinkReport()
         self.robot_clock = robot_clock
         self.smoother = smoother
@@ -125,7 +128,7 @@ class PolicyLink(threading.Thread):
                 while self.report.steps < self.max_steps:
                     sample = await self._next_observation()
                     if sample is None:
-                        outcome = "aborted"
+                        outcome = self.stop_outcome
                         break
                     await self._step(stream, episode_id, sample)
                 await stream.close()

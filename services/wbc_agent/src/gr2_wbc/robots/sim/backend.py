@@ -146,6 +146,39 @@ class MujocoGen3:
         """Colour -> block centre position in the base frame [m], shape (3,)."""
         return {c: self.data.xpos[b].copy() for c, b in self._block_bodies.items()}
 
+    def block_pose(self, colour: str) -> np.ndarray:
+        """Pose of block ``colour`` (its centre and axes) in the base frame, shape (4, 4).
+
+        Raises:
+            KeyError: unknown colour.
+        """
+        body = self._block_bodies[colour]
+        tf = np.eye(4)
+        tf[:3, :3] = self.data.xmat[body].reshape(3, 3)
+        tf[:3, 3] = self.data.xpos[body]
+        return tf
+
+    def block_contacts(self, colour: str) -> tuple[str, ...]:
+        """What touches block ``colour`` now: the names of the geoms in contact with it
+        (an unnamed geom by its body's name, e.g. ``finger_left``, ``block_red``,
+        ``table``), sorted and unique. Contacts are those of the last ``mj_forward``
+        (every :meth:`advance` ends with one).
+
+        Raises:
+            KeyError: unknown colour.
+        """
+        m, d = self.model, self.data
+        body = self._block_bodies[colour]
+        names = set()
+        for i in range(d.ncon):
+            g1, g2 = int(d.contact.geom1[i]), int(d.contact.geom2[i])
+            b1, b2 = int(m.geom_bodyid[g1]), int(m.geom_bodyid[g2])
+            if body not in (b1, b2) or b1 == b2:
+                continue
+            other = g2 if b1 == body else g1
+            names.add(m.geom(other).name or m.body(int(m.geom_bodyid[other])).name)
+        return tuple(sorted(names))
+
     # -- cameras ------------------------------------------------------------------------
 
     def capture_scene(self) -> np.ndarray:
