@@ -265,3 +265,39 @@ def test_video_recording_writes_an_mp4(robot: RecordingBackend, tmp_path: Path) 
     path = loop.write_video(tmp_path / "run.mp4")
     frames = imageio.imread(path)  # all frames, decoded by ffmpeg
     assert frames.shape == (5, 64, 2 * 96, 3)
+
+
+def test_lockstep_waits_for_each_observations_chunk(robot: RecordingBackend) -> None:
+    """Unpaced with lockstep: a policy slower than the sim (0.15 s of wall time per chunk,
+    while 0.2 s of sim time takes a few ms) still has its chunk in use by robot time capture +
+    delay, for every observation; nothing times out."""
+    from gr2_wbc.recording import TickRecorder
+
+    buffer = TrajectoryBuffer()
+    recorder = TickRecorder(RATE_HZ)
+    config = LoopConfig(
+        rate_hz=RATE_HZ, realtime=False, observation_period_s=0.2, lockstep_delay_s=0.1
+    )
+    loop = ControlLoop(robot, buffer, make_ik(), config, recorder=recorder)
+    loop.lockstep_last_seq = 4
+    stop = threading.Event()
+    captures: list[float] = []
+
+    def slow_policy() -> None:
+        for seq in range(5):
+            obs = loop.observations.get(timeout=30)
+            captures.append(obs.capture_time_s)
+            time.sleep(0.15)
+            times, positions, quats, grippers = sideways_chunk(obs.state)
+            buffer.add_chunk(seq, times, positions, quats, grippers)
+
+    policy = threading.Thread(target=slow_policy)
+    policy.start()
+    loop.run(stop, max_duration_s=1.2)
+    policy.join()
+    assert loop.lockstep_timeouts == 0 and len(captures) == 5
+    rec = recorder.arrays()
+    for seq, capture in enumerate(captures):
+        first_use = rec["t"][np.flatnonzero(rec["chunk_seq"] >= seq)[0]]
+        assert first_use <= capture + 0.1 + 1e-9, (seq, first_use, capture)
+    assert loop.stats()["observations_produced"] == 6  # t = 0 .. 1.0

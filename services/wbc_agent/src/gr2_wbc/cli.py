@@ -170,6 +170,8 @@ def summarise(
             "qp_failures": stats["qp_failures"],
             "qp_last_failure": stats["qp_last_failure"],
             "qp_relaxations": stats["qp_relaxations"],
+            "lockstep_delay_s": loop.config.lockstep_delay_s,
+            "lockstep_timeouts": loop.lockstep_timeouts,
             "render_p50_s": stats["render_p50_s"],
             "max_tracking_error_m": stats["max_tracking_error_m"],
         },
@@ -334,6 +336,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # --no-realtime runs unpaced: a SCHED_FIFO thread that never sleeps would starve the
         # link and gRPC threads on its core, so real time is not tried (and the log says so).
         rt_priority=0 if args.no_realtime else rt_priority,
+        lockstep_delay_s=args.lockstep_delay if args.no_realtime else None,
     )
     recorder = None
     if args.record is not None:
@@ -388,6 +391,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         robot_clock=loop.robot_time_s,
         smoother=smoother,
     )
+    loop.lockstep_last_seq = args.steps - 1
     link.start()
     settle_ticks = int(args.settle * rate_hz)
     threading.Thread(
@@ -520,7 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-realtime",
         action="store_true",
-        help="run the simulation as fast as possible (same controller logic)",
+        help="run the simulation as fast as possible (same controller logic); the loop "
+        "waits for each observation's chunk (see --lockstep-delay), so the sim never outruns "
+        "the policy",
+    )
+    run.add_argument(
+        "--lockstep-delay",
+        type=float,
+        default=0.1,
+        help="with --no-realtime: robot seconds after each observation at which the loop "
+        "waits for its chunk (the simulated inference time, default 0.1)",
     )
     run.add_argument(
         "--rt-priority",

@@ -69,6 +69,12 @@ class LoopConfig:
         stats_window: ticks kept in the timing ring buffers (percentiles cover this window).
         gc_every_ticks: young-generation ``gc.collect(0)`` period while gc is disabled.
         safety: watchdog, e-stop and command limits (:class:`SafetyConfig`).
+        lockstep_delay_s: with ``realtime=False`` only: the robot time after each
+            observation at which the loop stops and waits (up to ``lockstep_timeout_s`` of
+            wall time) for the chunk that answers it, so an unpaced sim never outruns the
+            policy; the chunk then takes over at most this late (earlier if it was already
+            there). ``None``: never wait (the sim runs as fast as it can).
+        lockstep_timeout_s: the longest wall-time wait for one chunk [s].
         rt_priority: None (default): leave the thread's scheduling alone. Otherwise
             :meth:`ControlLoop.run` calls :func:`gr2_wbc.realtime.enter_realtime` with it
             (1..99: SCHED_FIFO + locked memory when permitted; 0: tried nothing, recorded).
@@ -92,6 +98,8 @@ class LoopConfig:
     gc_every_ticks: int = 200
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     rt_priority: int | None = None
+    lockstep_delay_s: float | None = None
+    lockstep_timeout_s: float = 10.0
 
 
 class ControlLoop:
@@ -147,6 +155,12 @@ class ControlLoop:
         self.last_tracking_error_m = math.nan
         self._gripper_cmd = math.nan
         self._next_obs_t: float | None = None
+        self._obs_submitted = 0
+        # Lockstep: (robot time to wait at, chunk seq to wait for), see LoopConfig.
+        self._lockstep_due: tuple[float, int] | None = None
+        self.lockstep_last_seq: int | None = None  # no waits for seqs beyond this (the link's last)
+        self.lockstep_timeouts = 0
+        self._stop: threading.Event | None = None
         self._next_video_t: float | None = None
         self._warm_sizes: set[tuple[int, int]] = set()
         cfg = self.config
@@ -219,6 +233,7 @@ class ControlLoop:
         """
         cfg = self.config
         max_ticks = None if max_duration_s is None else round(max_duration_s * cfg.rate_hz)
+        self._stop = stop
         period = self.dt
         self._warm_up_cameras()
         rt = None
@@ -298,6 +313,9 @@ class ControlLoop:
         np.maximum(self.q_max_seen, q, out=self.q_max_seen)
         np.maximum(self.qd_max_abs_seen, np.abs(state.qd), out=self.qd_max_abs_seen)
         t = state.time_s
+        if self._lockstep_due is not None:
+            self._maybe_wait_for_chunk(t)
+            t0 = time.perf_counter()  # the wait is not compute
         sample = self.buffer.sample(t, out=self._sample)
         safety = self.safety
         mode = safety.update(t, sample)
@@ -376,6 +394,9 @@ class ControlLoop:
             job = CaptureJob("obs", t, state, scene, cfg.camera_width, cfg.camera_height)
             self.cameras.submit(job)
             jobs += 1
+            if cfg.lockstep_delay_s is not None and not cfg.realtime:
+                self._lockstep_due = (t + cfg.lockstep_delay_s, self._obs_submitted)
+            self._obs_submitted += 1
         if self.video is not None:
             if self._next_video_t is None:
                 self._next_video_t = t
@@ -387,6 +408,22 @@ class ControlLoop:
                 jobs += 1
         if jobs and not cfg.realtime:  # unpaced: every frame, whatever the machine's speed
             self.cameras.wait_idle()
+
+    def _maybe_wait_for_chunk(self, t: float) -> None:
+        """Lockstep (``LoopConfig.lockstep_delay_s``): at the due robot time, wait for the
+        chunk answering the last observation (the link numbers chunks by observation)."""
+        due = self._lockstep_due
+        if due is None or t < due[0] - 1e-9:
+            return
+        self._lockstep_due = None
+        seq = due[1]
+        if self.lockstep_last_seq is not None and seq > self.lockstep_last_seq:
+            return
+        deadline = time.monotonic() + self.config.lockstep_timeout_s
+        while not self.buffer.wait_for_seq(seq, 0.05):
+            if (self._stop is not None and self._stop.is_set()) or time.monotonic() > deadline:
+                self.lockstep_timeouts += 1
+                return
 
     @property
     def observations_produced(self) -> int:

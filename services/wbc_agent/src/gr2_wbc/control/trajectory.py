@@ -244,6 +244,7 @@ class TrajectoryBuffer:
         self._slots = [_Chunk(max_waypoints) for _ in range(max_chunks)]
         self._active: list[_Chunk] = []  # oldest first; a fixed-capacity pool, never grows
         self._lock = threading.Lock()
+        self._added = threading.Condition(self._lock)  # notified when a chunk is accepted
         self._latest_seq = -1
         self._tmp = TrajectorySample()
         self._ref_quat = np.zeros(4)
@@ -319,7 +320,13 @@ class TrajectoryBuffer:
             slot.fill(seq, (times, pos, quats, grip, lin_vel, ang_vel, tangents), origin, cubic)
             self._active.append(slot)
             self._latest_seq = int(seq)
+            self._added.notify_all()
         return True
+
+    def wait_for_seq(self, seq: int, timeout_s: float) -> bool:
+        """Block until a chunk with ``seq`` or newer was accepted; False on timeout."""
+        with self._added:
+            return self._added.wait_for(lambda: self._latest_seq >= seq, timeout_s)
 
     def clear(self) -> None:
         """Forget all chunks (e.g. at a new episode); ``seq`` numbering restarts too."""
