@@ -1,0 +1,55 @@
+"""`gr2-eval` runs real agent processes against a real policy server and reports honestly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.support.processes import child_env, script_path
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args), capture_output=True, text=True, timeout=timeout, env=child_env()
+    )
+
+
+def test_eval_runs_episodes_through_server_and_agent(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "ck"
+    init = run(
+        script_path("gr2-policy-server"), "init-checkpoint", "--preset", "gr2-tiny",
+        "--seed", "0", "--out", str(checkpoint),
+    )  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    out = tmp_path / "eval"
+    result = run(
+        script_path("gr2-eval"), "--task", "touch", "--episodes", "2", "--max-steps", "4",
+        "--checkpoint", str(checkpoint), "--out", str(out), "--videos", "1", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)
+    touch = results["touch"]
+    assert touch["episodes"] == 2 and touch["errors"] == 0
+    assert touch["mean_steps"] == 4.0  # random weights: it never succeeds early
+    assert touch["round_trip_p50_ms"] > 0
+    report = json.loads((out / "eval.json").read_text())
+    seeds = sorted(r["seed"] for r in report["episodes"])
+    assert seeds == [1_000_000, 1_000_001]  # held-out seeds
+    for row in report["episodes"]:
+        summary = json.loads((out / "episodes" / f"touch_{row['seed']}.json").read_text())
+        assert summary["task"]["name"] == "touch" and summary["task"]["seed"] == row["seed"]
+        assert summary["task"]["success"] == row["success"]
+        assert summary["loop"]["lockstep_timeouts"] == 0
+    assert (out / "videos" / "touch_1000000.mp4").stat().st_size > 0
+    assert "| touch | 2 |" in (out / "eval.md").read_text()
+
+
+def test_eval_refuses_an_unknown_task_and_a_missing_checkpoint(tmp_path: Path) -> None:
+    bad = run(script_path("gr2-eval"), "--task", "juggle", "--episodes", "1")
+    assert bad.returncode == 2 and "unknown task" in bad.stderr
+    missing = run(
+        script_path("gr2-eval"), "--task", "touch", "--checkpoint", str(tmp_path / "none")
+    )
+    assert missing.returncode == 2 and "no checkpoint" in missing.stderr
+    assert "Traceback" not in bad.stderr + missing.stderr
