@@ -3,7 +3,8 @@
 Starts a throw-away redis-server (episode store), the policy server and the agent as separate
 processes on loopback, runs one episode, and writes to --out:
   episode.mp4    head and wrist cameras side by side
-  summary.json   steps, chunk latency percentiles, loop timing, arm motion, the episode record
+  summary.json   "success" and the task check, steps, chunk latency percentiles, loop timing,
+                 arm motion, the episode record
   *.log          each process's log
 Everything it starts is stopped again, also on failure or Ctrl-C.
 """
@@ -32,9 +33,11 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo")
-    parser.add_argument("--instruction", default="pick up the red block")
-    parser.add_argument("--steps", type=int, default=60, help="control steps (observations)")
-    parser.add_argument("--seed", type=int, default=0, help="scene seed")
+    parser.add_argument("--task", default="touch", help="sim task (gr2_wbc.tasks)")
+    parser.add_argument(
+        "--seed", type=int, default=1_000_000, help="scene seed (held out from training)"
+    )
+    parser.add_argument("--steps", type=int, default=60, help="most control steps (observations)")
     parser.add_argument("--no-redis", action="store_true", help="use the in-process store")
     args = parser.parse_args()
 
@@ -67,7 +70,7 @@ def run_episode(args: argparse.Namespace, out: Path, stack: LocalStack, checkpoi
     """Run the agent for one episode against ``stack``; write the summary."""
     agent_summary = out / "agent_summary.json"
     video = out / "episode.mp4"
-    say(f"running the agent: {args.steps} steps of '{args.instruction}' on the simulated Gen3")
+    say(f"running the agent: task {args.task!r}, seed {args.seed}, on the simulated Gen3")
     agent = subprocess.run(
         [
             str(BIN / "gr2-wbc-agent"),
@@ -76,8 +79,8 @@ def run_episode(args: argparse.Namespace, out: Path, stack: LocalStack, checkpoi
             stack.grpc_target,
             "--robot",
             "sim",
-            "--instruction",
-            args.instruction,
+            "--task",
+            args.task,
             "--steps",
             str(args.steps),
             "--seed",
@@ -103,6 +106,8 @@ def run_episode(args: argparse.Namespace, out: Path, stack: LocalStack, checkpoi
     url = f"{stack.http_url}/v1/episodes/{summary['episode_id']}"
     with urllib.request.urlopen(url, timeout=5) as r:
         summary["episode_record"] = json.loads(r.read())
+    task = summary.get("task") or {}
+    summary = {"success": bool(task.get("success")), "task_check": task, **summary}
     summary["store"] = "redis" if stack.redis_url else "memory"
     summary["checkpoint"] = str(checkpoint)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -115,6 +120,8 @@ def run_episode(args: argparse.Namespace, out: Path, stack: LocalStack, checkpoi
         f"{loop['deadline_misses']} deadline misses, "
         f"tool moved {summary['tool_displacement_m'] * 100:.1f} cm"
     )
+    verdict = "SUCCESS" if summary["success"] else "not achieved"
+    say(f"task {task.get('instruction')!r}: {verdict}")
     say(f"wrote {video} and {out / 'summary.json'}")
     return 0
 

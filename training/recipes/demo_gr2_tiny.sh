@@ -12,12 +12,22 @@ mkdir -p "$WORK"
 # 1. 300 demonstrations per task on training seeds 0.. (resumable)
 "$BIN/gr2-datagen" --tasks touch,pick,push --episodes-per-task 300 --out "$WORK/data" --workers 2
 
-# 2. tokenizer, 3. video-only pre-training, 4. robot fine-tuning
-[ -f "$WORK/tok/checkpoint/config.json" ] || "$BIN/gr2-train" tokenizer --data "$WORK/data" \
-    --preset gr2-tiny --out "$WORK/tok" --steps 1500 --batch-size 16 --seed 0 --no-progress
-[ -f "$WORK/pre/checkpoint/config.json" ] || "$BIN/gr2-train" pretrain --data "$WORK/data" \
-    --init "$WORK/tok" --out "$WORK/pre" --steps 1000 --precision bf16 --seed 0 --no-progress
-[ -f "$WORK/ft/checkpoint/config.json" ] || "$BIN/gr2-train" finetune --data "$WORK/data" \
-    --init "$WORK/pre" --out "$WORK/ft" --steps 1500 --precision bf16 --seed 0 \
-    --save-dtype float16 --no-progress
+# 2. tokenizer, 3. video-only pre-training, 4. robot fine-tuning. A stage whose run directory
+# exists without a final checkpoint was interrupted: it resumes from its last periodic one.
+stage() {  # stage NAME RUN_DIR ARGS...
+    local name=$1 run=$2
+    shift 2
+    if [ -f "$run/checkpoint/config.json" ]; then
+        echo "$name: done ($run)"
+        return
+    fi
+    local resume=()
+    [ -f "$run/run.json" ] && resume=(--resume)
+    "$BIN/gr2-train" "$name" --out "$run" --seed 0 --no-progress --save-every 250 \
+        "${resume[@]}" "$@"
+}
+stage tokenizer "$WORK/tok" --data "$WORK/data" --preset gr2-tiny --steps 1500 --batch-size 16
+stage pretrain "$WORK/pre" --data "$WORK/data" --init "$WORK/tok" --steps 1000 --precision bf16
+stage finetune "$WORK/ft" --data "$WORK/data" --init "$WORK/pre" --steps 1500 --precision bf16 \
+    --save-dtype float16
 echo "done: $WORK/ft/checkpoint"
