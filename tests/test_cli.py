@@ -156,5 +156,11 @@ def test_agent_records_bounds_the_run_and_estops_on_sigusr1(tmp_path: Path) -> N
         assert np.all(data["chunk_seq"][estop[0] :] == -1)
         assert (data["chunk_seq"][: estop[0]] >= 0).any()  # it tracked chunks before
         np.testing.assert_array_equal(data["qd_cmd"][-20:], 0.0)
+    with np.load(record / "observations.npz", allow_pickle=False) as obs:
+        n = summary["steps"]
+        assert obs["time_s"].shape == (n,) and np.all(np.diff(obs["time_s"]) > 0)
+        assert obs["image_head"].shape == obs["image_wrist"].shape == (n, 64, 64, 3)
+        assert obs["state"].shape == (n, 8) and obs["q"].shape == (n, 7)
+        assert str(obs["instruction"]) == "pick up the red block"
     frames = iio.imread(record / "cameras.mp4")
     assert frames.shape[0] >= 20 and frames.shape[3] == 3

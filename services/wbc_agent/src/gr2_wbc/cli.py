@@ -44,7 +44,7 @@ from gr2_wbc.link import PolicyLink
 from gr2_wbc.loop import ControlLoop, LoopConfig
 from gr2_wbc.metrics import WBCMetrics, start_metrics_server
 from gr2_wbc.realtime import RealtimeStatus
-from gr2_wbc.recording import TickRecorder
+from gr2_wbc.recording import TickRecorder, save_observations
 from gr2_wbc.settings import AgentSettings
 from gr2_wbc.tasks import (
     SUCCESS_SETTLE_S,
@@ -390,6 +390,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         stop=stop,
         robot_clock=loop.robot_time_s,
         smoother=smoother,
+        keep_observations=args.record is not None,
     )
     loop.lockstep_last_seq = args.steps - 1
     link.start()
@@ -445,6 +446,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         recorder.save(args.record / "ticks.npz")
         if loop.video_frames:
             loop.write_video(args.record / "cameras.mp4")
+        if link.sent:
+            save_observations(args.record / "observations.npz", link.sent, args.instruction)
         (args.record / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log(f"recording: {args.record} ({recorder.count} ticks, {loop.video_frames} frames)")
     lat = summary["chunk_latency"]

@@ -80,10 +80,12 @@ class PolicyLink(threading.Thread):
         stop: threading.Event,
         robot_clock: Callable[[], float] | None = None,
         smoother: ChunkSmoother | None = None,
+        keep_observations: bool = False,
     ) -> None:
         """robot_clock: reads the robot's clock (thread-safe); with it, each round trip feeds
         the clock-offset estimate reported in ``report``. smoother: optional chunk smoothing
-        QP applied to waypoint positions before they reach the buffer."""
+        QP applied to waypoint positions before they reach the buffer. keep_observations:
+        keep every observation sent, in order, in ``sent`` (for ``--record``)."""
         super().__init__(name="gr2-policy-link", daemon=True)
         self.target = target
         self.instruction = instruction
@@ -100,6 +102,7 @@ class PolicyLink(threading.Thread):
         self.report = LinkReport()
         self.robot_clock = robot_clock
         self.smoother = smoother
+        self.sent: list[ObservationSample] | None = [] if keep_observations else None
         self.clock = ClockOffsetEstimator()
 
     def run(self) -> None:
@@ -153,6 +156,8 @@ class PolicyLink(threading.Thread):
             capture_time_s=sample.capture_time_s,
             joint_positions=state.q,
         )
+        if self.sent is not None:
+            self.sent.append(sample)
         t_send = self.robot_clock() if self.robot_clock else 0.0
         t0 = time.perf_counter()
         chunk = chunk_from_proto(await stream.step(obs))

@@ -34,6 +34,13 @@ key                   shape      dtype   meaning [unit]
 ``dropped``           ()         int64   ticks not recorded (fixed capacity exhausted)
 ===================== ========== ======= =======================================================
 
+``DIR/observations.npz`` holds what the link sent to the policy, one row per observation
+(T = observations sent): ``time_s`` (T,) capture time [s]; ``image_<view>`` (T, H, W, 3) uint8
+for each camera; ``state`` (T, 8) float64 tool position [m], quaternion (w, x, y, z) and gripper
+closure, as sent; ``q`` (T, 7) joint positions [rad]; ``instruction`` () str. It is enough to
+replay the episode through the model offline (``gr2-eval`` does, for its predicted-frame
+videos).
+
 ``DIR/cameras.mp4`` holds the cameras side by side (H.264, the loop's video recording, see
 :meth:`gr2_wbc.loop.ControlLoop.write_video`).
 """
@@ -181,3 +188,29 @@ class TickRecorder:
         with out.open("wb") as f:
             np.savez_compressed(f, **self.arrays())  # type: ignore[arg-type]
         return out
+
+
+def save_observations(path: str | Path, samples: list, instruction: str) -> Path:
+    """Write the observations the link sent (``ObservationSample`` list) as
+    ``observations.npz`` (keys in the module docstring)."""
+    if not samples:
+        raise ValueError("no observations to save")
+    names = tuple(samples[0].images)
+    arrays: dict[str, np.ndarray] = {
+        "time_s": np.array([s.capture_time_s for s in samples]),
+        "state": np.array(
+            [
+                np.concatenate(
+                    [s.state.ee_position, s.state.ee_quat_wxyz, [min(max(s.state.gripper, 0), 1)]]
+                )
+                for s in samples
+            ]
+        ),
+        "q": np.array([s.state.q for s in samples]),
+        "instruction": np.array(instruction),
+    }
+    for name in names:
+        arrays[f"image_{name}"] = np.stack([s.images[name] for s in samples])
+    out = Path(path)
+    np.savez_compressed(out, **arrays)
+    return out
