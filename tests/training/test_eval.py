@@ -42,6 +42,12 @@ def test_eval_runs_episodes_through_server_and_agent(tmp_path: Path) -> None:
         assert summary["task"]["success"] == row["success"]
         assert summary["loop"]["lockstep_timeouts"] == 0
     assert (out / "videos" / "touch_1000000.mp4").stat().st_size > 0
+    # Real vs predicted next frames: (steps - 1) frames, per view a row of real | predicted.
+    import imageio.v3 as iio
+
+    frames = iio.imread(out / "videos" / "touch_1000000_predicted.mp4")
+    assert frames.shape[0] == 3 and frames.shape[1:] == (2 * 64 * 3, 2 * 64 * 3, 3)
+    assert not (out / "videos" / "touch_1000001_predicted.mp4").exists()  # --videos 1
     assert "| touch | 2 |" in (out / "eval.md").read_text()
 
 

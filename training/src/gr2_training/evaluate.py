@@ -8,8 +8,10 @@ waits ``--lockstep-delay`` of robot time after each observation for its chunk); 
 runs at wall-clock speed instead.
 
 Writes ``OUT/eval.json`` and ``OUT/eval.md`` (success rate per task, mean steps and time to
-success, chunk round trip), the agents' summaries under ``OUT/episodes/``, and videos of the
-first ``--videos`` episodes per task under ``OUT/videos/``.
+success, chunk round trip), the agents' summaries under ``OUT/episodes/``, and for the first
+``--videos`` episodes per task ``OUT/videos/<task>_<seed>.mp4`` (the cameras) and, when the
+checkpoint is local, ``<task>_<seed>_predicted.mp4``: the real next frames beside the ones
+the model predicts (:mod:`gr2_training.predicted_video`, from the agent's recording).
 """
 
 from __future__ import annotations
@@ -50,10 +52,13 @@ def run_episode(
         cmd += ["--no-realtime", "--lockstep-delay", str(args.lockstep_delay)]
     if video:
         cmd += ["--video", str(out / "videos" / f"{name}.mp4")]
+        cmd += ["--record", str(out / "records" / name)]
     log_path = out / "episodes" / f"{name}.log"
     with log_path.open("wb") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env())
     row: dict[str, Any] = {"task": task, "seed": seed, "returncode": proc.returncode}
+    if video:
+        row["record"] = str(out / "records" / name)
     if not summary_path.exists():
         row["error"] = f"agent exited {proc.returncode} without a summary; see {log_path}"
         return row
@@ -108,7 +113,26 @@ def markdown(results: dict[str, dict[str, Any]], command: str) -> str:
     return "\n".join(lines) + f"\n\nCommand: `{command}`\n"
 
 
-def evaluate(args: argparse.Namespace, target: str) -> dict[str, Any]:
+def predicted_videos(rows: list[dict[str, Any]], checkpoint: Path, out: Path) -> None:
+    """Real vs predicted next frames for the recorded episodes (loads the model here)."""
+    from gr2_policy.model.checkpoint import load_checkpoint
+
+    from gr2_training.predicted_video import write_predicted_video
+
+    recorded = [r for r in rows if r.get("record")]
+    if not recorded:
+        return
+    policy = load_checkpoint(checkpoint).eval()
+    for row in recorded:
+        obs = Path(row["record"]) / "observations.npz"
+        if not obs.exists():
+            continue
+        path = out / "videos" / f"{row['task']}_{row['seed']}_predicted.mp4"
+        row["predicted_video"] = str(write_predicted_video(policy, obs, path, fps=5.0))
+    say(f"predicted-frame videos for {len(recorded)} episodes in {out / 'videos'}")
+
+
+def evaluate(args: argparse.Namespace, target: str, checkpoint: Path | None) -> dict[str, Any]:
     out: Path = args.out
     (out / "episodes").mkdir(parents=True, exist_ok=True)
     (out / "videos").mkdir(parents=True, exist_ok=True)
@@ -125,6 +149,8 @@ def evaluate(args: argparse.Namespace, target: str) -> dict[str, Any]:
             rows.append(row)
             bar.set_postfix_str(f"{row['task']} {'ok' if row.get('success') else 'fail'}")
             bar.update()
+    if checkpoint is not None:
+        predicted_videos(rows, checkpoint, out)
     results = table(rows, args.tasks)
     command = " ".join(["gr2-eval", *sys.argv[1:]])
     report = {"command": command, "results": results, "episodes": rows}
@@ -138,7 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help=f"comma-separated, of: {', '.join(TASKS)}")
     p.add_argument("--episodes", type=int, default=50, help="episodes per task")
     p.add_argument("--server", default=None, help="HOST:PORT of a running policy server")
-    p.add_argument("--checkpoint", type=Path, default=None, help="served here when no --server")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="served here when no --server (default: the bundled demo checkpoint); with "
+        "--server, the same model's checkpoint enables the predicted-frame videos",
+    )
     p.add_argument("--out", type=Path, default=Path("out/eval"))
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     p.add_argument("--videos", type=int, default=3, help="episodes per task with a video")
@@ -161,14 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--episodes, --workers and --max-steps must be >= 1")
     try:
         if args.server:
-            report = evaluate(args, args.server)
+            report = evaluate(args, args.server, args.checkpoint)
         else:
             checkpoint = args.checkpoint or REPO_CHECKPOINT
             if not (checkpoint / "config.json").is_file():
                 parser.error(f"no checkpoint at {checkpoint}: pass --checkpoint DIR or --server")
             args.out.mkdir(parents=True, exist_ok=True)
             with LocalStack(checkpoint, args.out, say=say) as stack:
-                report = evaluate(args, stack.grpc_target)
+                report = evaluate(args, stack.grpc_target, checkpoint)
     except StackError as err:
         say(str(err))
         return 1
