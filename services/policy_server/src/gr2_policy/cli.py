@@ -37,6 +37,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         for flag, (field, _) in _SERVE_FLAGS.items()
         if getattr(args, flag.lstrip("-").replace("-", "_")) is not None
     }
+    if args.random_weights:
+        overrides["random_weights"] = True
     try:
         settings = ServerSettings(**overrides)
     except ValidationError as err:
@@ -45,6 +47,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             for e in err.errors()
         )
         print(f"gr2-policy-server: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    if settings.checkpoint is not None and settings.random_weights:
+        print(
+            "gr2-policy-server: --checkpoint and --random-weights exclude each other",
+            file=sys.stderr,
+        )
         return 2
     configure_logging(settings.log_level, settings.log_json)
     from gr2_policy.server import serve
@@ -139,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         doc = ServerSettings.model_fields[field].description
         env = f"GR2_{field.upper()}"
         serve.add_argument(flag, type=kind, default=None, help=f"{doc} (env {env})")
+    serve.add_argument(
+        "--random-weights",
+        action="store_true",
+        help=f"{ServerSettings.model_fields['random_weights'].description} "
+        "(env GR2_RANDOM_WEIGHTS)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     init = sub.add_parser("init-checkpoint", help="write randomly initialised weights")

@@ -39,12 +39,17 @@ def build_engine(settings: ServerSettings):  # type: ignore[no-untyped-def]
     """Load the checkpoint (or seeded random weights) and wrap it in the local engine."""
     import torch
 
+    from gr2_policy.checkpoints import bundled_demo_checkpoint
     from gr2_policy.engine.local import LocalEngine
     from gr2_policy.model.checkpoint import init_random_policy, load_checkpoint
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     checkpoint, device = settings.checkpoint, settings.device
+    if checkpoint is None and not settings.random_weights:
+        checkpoint = bundled_demo_checkpoint()
+        if checkpoint is not None:
+            log.info("bundled_checkpoint", checkpoint=str(checkpoint))
     if checkpoint is not None:
         source = str(checkpoint)
 
@@ -55,9 +60,9 @@ def build_engine(settings: ServerSettings):  # type: ignore[no-untyped-def]
         source = f"random {preset} weights (seed {seed})"
         log.warning(
             "no_checkpoint",
-            message="GR2_CHECKPOINT is not set: serving RANDOMLY INITIALISED weights. "
-            "Set GR2_CHECKPOINT (or --checkpoint) to a directory with config.json + "
-            "model.safetensors.",
+            message="serving RANDOMLY INITIALISED weights (GR2_RANDOM_WEIGHTS, or no "
+            "checkpoint is bundled with this install). Set GR2_CHECKPOINT (or --checkpoint) "
+            "to a directory with config.json + model.safetensors.",
         )
 
         def factory() -> Any:

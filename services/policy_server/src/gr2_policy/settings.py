@@ -19,10 +19,15 @@ class ServerSettings(BaseSettings):
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port: REST, /metrics, health")
     redis_url: str | None = Field(None, description="redis://... episode store; unset = in-process")
     checkpoint: Path | None = Field(
-        None, description="directory with config.json + model.safetensors"
+        None,
+        description="directory with config.json + model.safetensors; unset = the bundled "
+        "demo checkpoint (gr2_policy/checkpoints/demo)",
     )
-    preset: str = Field("gr2-tiny", description="preset for random weights when no checkpoint")
-    seed: int = Field(0, description="seed of the random weights used when no checkpoint")
+    random_weights: bool = Field(
+        False, description="serve seeded random weights of `preset` instead (no checkpoint)"
+    )
+    preset: str = Field("gr2-tiny", description="preset of the random weights")
+    seed: int = Field(0, description="seed of the random weights")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0 = torch default)")
     kv_cache: bool = Field(
