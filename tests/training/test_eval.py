@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 from tests.support.processes import child_env, script_path
@@ -59,3 +61,45 @@ def test_eval_refuses_an_unknown_task_and_a_missing_checkpoint(tmp_path: Path) -
     )
     assert missing.returncode == 2 and "no checkpoint" in missing.stderr
     assert "Traceback" not in bad.stderr + missing.stderr
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live (non-zombie) processes that mention ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if text in cmdline and state != "Z":
+            found.append(cmdline)
+    return found
+
+
+def test_sigterm_stops_the_evaluation_and_every_process_it_started(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "ck"
+    init = run(
+        script_path("gr2-policy-server"), "init-checkpoint", "--preset", "gr2-tiny",
+        "--seed", "0", "--out", str(checkpoint),
+    )  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    out = tmp_path / "eval"
+    proc = subprocess.Popen(
+        [script_path("gr2-eval"), "--task", "touch", "--episodes", "4", "--workers", "2",
+         "--max-steps", "400", "--checkpoint", str(checkpoint), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+    )  # fmt: skip
+    try:
+        # Wait (no time assertion) until both agents are running episodes.
+        while len(_processes_mentioning(f"--summary {out}")) < 2:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert _processes_mentioning(str(out)) == []  # no agent and no server outlived it
+    assert _processes_mentioning(str(checkpoint)) == []

@@ -18,23 +18,55 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+from gr2_policy.checkpoints import DEMO_CHECKPOINT, bundled_demo_checkpoint
 from gr2_wbc.tasks import TASKS, eval_seeds
 from tqdm import tqdm
 
-from gr2_training.local_stack import BIN, LocalStack, StackError, child_env
-
-REPO_CHECKPOINT = Path(__file__).resolve().parents[3] / "checkpoints" / "demo"
+from gr2_training.local_stack import BIN, LocalStack, StackError, child_env, stop_process
 
 
 def say(message: str) -> None:
     print(f"[gr2-eval] {message}", file=sys.stderr, flush=True)
+
+
+class AgentProcesses:
+    """The live agent processes, so that an interrupted evaluation stops them all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def run(self, cmd: list[str], log: IO[bytes]) -> subprocess.CompletedProcess:
+        with self._lock:
+            if self.stopping:
+                raise StackError("evaluation interrupted")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+            self._live.add(proc)
+        try:
+            return subprocess.CompletedProcess(cmd, proc.wait())
+        finally:
+            with self._lock:
+                self._live.discard(proc)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            self.stopping = True
+            live = list(self._live)
+        for proc in live:
+            stop_process(proc)
+
+
+_AGENTS = AgentProcesses()
 
 
 def run_episode(
@@ -55,7 +87,7 @@ def run_episode(
         cmd += ["--record", str(out / "records" / name)]
     log_path = out / "episodes" / f"{name}.log"
     with log_path.open("wb") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+        proc = _AGENTS.run(cmd, log)
     row: dict[str, Any] = {"task": task, "seed": seed, "returncode": proc.returncode}
     if video:
         row["record"] = str(out / "records" / name)
@@ -144,11 +176,17 @@ def evaluate(args: argparse.Namespace, target: str, checkpoint: Path | None) -> 
     rows: list[dict[str, Any]] = []
     with ThreadPoolExecutor(args.workers) as pool, tqdm(total=len(jobs), unit="ep") as bar:
         futures = [pool.submit(run_episode, target, t, s, out, args, v) for t, s, v in jobs]
-        for future in futures:
-            row = future.result()
-            rows.append(row)
-            bar.set_postfix_str(f"{row['task']} {'ok' if row.get('success') else 'fail'}")
-            bar.update()
+        try:
+            for future in futures:
+                row = future.result()
+                rows.append(row)
+                bar.set_postfix_str(f"{row['task']} {'ok' if row.get('success') else 'fail'}")
+                bar.update()
+        except BaseException:  # Ctrl-C / SIGTERM: no agent outlives the evaluation
+            for future in futures:
+                future.cancel()
+            _AGENTS.stop_all()
+            raise
     if checkpoint is not None:
         predicted_videos(rows, checkpoint, out)
     results = table(rows, args.tasks)
@@ -182,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM ends the evaluation like Ctrl-C: agents and the local stack are stopped."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -191,19 +234,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
     if args.episodes < 1 or args.workers < 1 or args.max_steps < 1:
         parser.error("--episodes, --workers and --max-steps must be >= 1")
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.server:
             report = evaluate(args, args.server, args.checkpoint)
         else:
-            checkpoint = args.checkpoint or REPO_CHECKPOINT
-            if not (checkpoint / "config.json").is_file():
-                parser.error(f"no checkpoint at {checkpoint}: pass --checkpoint DIR or --server")
+            checkpoint = args.checkpoint or bundled_demo_checkpoint()
+            if checkpoint is None or not (checkpoint / "config.json").is_file():
+                parser.error(
+                    f"no checkpoint at {checkpoint or DEMO_CHECKPOINT}: pass --checkpoint DIR "
+                    "or --server"
+                )
             args.out.mkdir(parents=True, exist_ok=True)
             with LocalStack(checkpoint, args.out, say=say) as stack:
                 report = evaluate(args, stack.grpc_target, checkpoint)
     except StackError as err:
         say(str(err))
         return 1
+    except KeyboardInterrupt:
+        say("interrupted: agents and server stopped")
+        return 130
     if args.json:
         print(json.dumps(report["results"], indent=2))
     else:
