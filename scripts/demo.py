@@ -18,10 +18,10 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from gr2_policy.checkpoints import bundled_demo_checkpoint
 from gr2_training.local_stack import BIN, LocalStack, StackError, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLED_CHECKPOINT = ROOT / "checkpoints" / "demo"
 
 
 def say(message: str) -> None:
@@ -44,8 +44,9 @@ def main() -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     env = child_env()
-    if BUNDLED_CHECKPOINT.joinpath("config.json").exists():
-        checkpoint = BUNDLED_CHECKPOINT
+    bundled = bundled_demo_checkpoint()
+    if bundled is not None:
+        checkpoint = bundled
         say(f"checkpoint: bundled {checkpoint}")
     else:
         checkpoint = out / "checkpoint"

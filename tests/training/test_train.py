@@ -246,6 +246,17 @@ def test_the_gr2_tiny_preset_runs_all_stages(tmp_path: Path) -> None:
     assert np.isfinite(line["total"]) and line["arm"] > 0
 
 
+def test_text_encoder_trains_with_the_gpt_when_asked(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "ft_text"
+    args = ("--init", str(runs["pretrain"]), "--steps", "2", "--batch-size", "2")
+    assert train("finetune", runs["data"], out, *args, "--text-encoder", "train") == 0
+    before = load_file(runs["pretrain"] / "checkpoint" / "model.safetensors")
+    after = load_file(out / "checkpoint" / "model.safetensors")
+    names = [n for n in before if n.startswith("text_encoder.")]
+    assert names and any(not torch.equal(before[n], after[n]) for n in names)
+    assert json.loads((out / "run.json").read_text())["stage_data"]["text_encoder"] == "train"
+
+
 def test_tokenizer_reports_reconstruction_and_codebook_usage(runs: dict[str, Path]) -> None:
     lines = read_metrics(runs["tokenizer"] / "metrics.jsonl")
     assert {"reconstruction", "codebook", "commitment", "codebook_usage", "perplexity"} <= set(

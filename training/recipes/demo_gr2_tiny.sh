@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# The demo checkpoint (checkpoints/demo): scripted-expert demonstrations, then the three
-# GR-2 training stages on gr2-tiny, on CPU. Usage: bash training/recipes/demo_gr2_tiny.sh [WORK]
-# (WORK defaults to runs/demo; data goes to WORK/data). Every step resumes or is skipped
-# when its output exists, so the script can be re-run after an interruption.
+# The bundled demo checkpoint (gr2_policy/checkpoints/demo): scripted-expert demonstrations, then
+# the three GR-2 training stages on gr2-tiny, on CPU (about 2.5 h on 2 cores).
+#
+#   bash training/recipes/demo_gr2_tiny.sh [WORK]       # WORK defaults to runs/demo
+#   ABLATION=1 bash training/recipes/demo_gr2_tiny.sh   # also fine-tunes without pre-training
+#
+# Every step resumes or is skipped when its output exists, so the script can be re-run after an
+# interruption. The order matters: the tokenizer and the video pre-training saw the first 900
+# demonstrations (300 per task); the 700 extra touch demonstrations were added for fine-tuning,
+# because touch episodes are the shortest (~15 steps vs ~22) and were the fewest training windows.
 set -euo pipefail
 WORK=${1:-runs/demo}
 BIN=${BIN:-.venv/bin}
 export MUJOCO_GL=${MUJOCO_GL:-egl}
 mkdir -p "$WORK"
 
-# 1. 300 demonstrations per task on training seeds 0.. (resumable)
-"$BIN/gr2-datagen" --tasks touch,pick,push --episodes-per-task 300 --out "$WORK/data" --workers 2
+datagen() {  # datagen TASKS N: the dataset holds N demonstrations of each task (seeds 0..)
+    "$BIN/gr2-datagen" --tasks "$1" --episodes-per-task "$2" --out "$WORK/data" --workers 2
+}
 
-# 2. tokenizer, 3. video-only pre-training, 4. robot fine-tuning. A stage whose run directory
-# exists without a final checkpoint was interrupted: it resumes from its last periodic one.
+# A stage whose run directory exists without a final checkpoint was interrupted: it resumes from
+# its last periodic checkpoint (bit-exact).
 stage() {  # stage NAME RUN_DIR ARGS...
     local name=$1 run=$2
     shift 2
@@ -26,8 +33,21 @@ stage() {  # stage NAME RUN_DIR ARGS...
     "$BIN/gr2-train" "$name" --out "$run" --seed 0 --no-progress --save-every 250 \
         "${resume[@]}" "$@"
 }
+
+# 1. 300 demonstrations per task on training seeds 0..299
+datagen touch,pick,push 300
+# 2. tokenizer (VQGAN) and 3. video-only pre-training, on those 900 episodes
 stage tokenizer "$WORK/tok" --data "$WORK/data" --preset gr2-tiny --steps 1500 --batch-size 16
 stage pretrain "$WORK/pre" --data "$WORK/data" --init "$WORK/tok" --steps 1000 --precision bf16
-stage finetune "$WORK/ft" --data "$WORK/data" --init "$WORK/pre" --steps 1500 --precision bf16 \
+# 4. touch demonstrations up to 1000 (seeds 300..999): 1600 episodes in all
+datagen touch 1000
+# 5. robot fine-tuning (video + CVAE actions) from the pre-trained model
+stage finetune "$WORK/ft" --data "$WORK/data" --init "$WORK/pre" --steps 5000 --precision bf16 \
     --save-dtype float16
-echo "done: $WORK/ft/checkpoint"
+# 6. the ablation: the same fine-tuning budget from the tokenizer run (no video pre-training)
+if [ "${ABLATION:-0}" = 1 ]; then
+    stage finetune "$WORK/ft_no_pretrain" --data "$WORK/data" --init "$WORK/tok" --steps 5000 \
+        --precision bf16 --save-dtype float16
+fi
+echo "done: $WORK/ft/checkpoint (bundle it: cp $WORK/ft/checkpoint/* \\"
+echo "      services/policy_server/src/gr2_policy/checkpoints/demo/)"

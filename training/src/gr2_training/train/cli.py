@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="steps per training clip T (default 2h; > h so the window is learned)",
         )
         p.add_argument(
+            "--text-encoder",
+            choices=("frozen", "train"),
+            default="frozen",
+            help="keep the text encoder frozen (GR-2's choice, default) or train it with the "
+            "GPT (e.g. the built-in byte encoder, which has no pre-trained weights)",
+        )
+        p.add_argument(
             "--token-cache",
             default=None,
             help="share image-token caches between runs (default RUN_DIR/token_cache)",

@@ -51,6 +51,7 @@ class Settings:
     # GPT stages.
     clip_length: int | None = None  # default 2h
     token_cache: str | None = None
+    text_encoder: str = "frozen"  # frozen | train (trains with the GPT)
     image_weight: float | None = None  # loss weights (default: the stage's design defaults)
     arm_weight: float | None = None
     gripper_weight: float | None = None

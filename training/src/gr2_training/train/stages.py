@@ -121,6 +121,8 @@ class GPTLoss(nn.Module):
         self,
         policy: GR2Policy,
         embeddings: Tensor,
+        instructions: list[str],
+        train_text: bool,
         stage: str,
         weights: LossWeights,
         seed: int,
@@ -129,13 +131,22 @@ class GPTLoss(nn.Module):
         super().__init__()
         self.policy = policy
         self.register_buffer("embeddings", embeddings, persistent=False)
+        self.instructions = instructions
+        self.train_text = train_text
         self.stage = stage
         self.weights = weights
         self.seed = seed
         self.rank = rank
 
+    def text(self, rows: Tensor) -> Tensor:
+        """Text embeddings of the instructions in table ``rows``: through the encoder (with
+        gradients) when it trains, else the embeddings computed once at the start."""
+        if not self.train_text:
+            return self.embeddings[rows]
+        return self.policy.text_encoder.encode([self.instructions[i] for i in rows.tolist()])
+
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
-        text = self.embeddings[batch["instruction"]]
+        text = self.text(batch["instruction"])
         if self.stage == "pretrain":  # states and actions dropped, as for web video
             return pretrain_loss(self.policy, VideoBatch(text, batch["tokens"]), self.weights)
         robot = RobotBatch(
@@ -209,7 +220,13 @@ class GPTStage(Stage):
             policy.gpt.act_query.requires_grad_(False)
         policy.train()
         self.policy = policy
-        self.module = GPTLoss(policy, embeddings, self.name, self.weights, s.seed, info.rank)
+        train_text = s.text_encoder == "train"
+        if train_text:  # it trains with the GPT (in eval mode: it has no dropout)
+            policy.text_encoder.requires_grad_(True)
+        self.module = GPTLoss(
+            policy, embeddings, instructions, train_text, self.name, self.weights, s.seed,
+            info.rank,
+        )  # fmt: skip
         self.batches = data_mod.StepBatches(
             self.train_data, s.seed, s.batch_size, info.rank, info.world_size
         )
@@ -221,6 +238,7 @@ class GPTStage(Stage):
             "instructions": len(instructions),
             "token_cache": str(directory),
             "loss_weights": asdict(self.weights),
+            "text_encoder": "train" if train_text else "frozen",
         }
 
     @torch.no_grad()
@@ -248,8 +266,7 @@ class GPTStage(Stage):
         waypoints with z = 0 (position [mm], gripper open/closed agreement)."""
         policy = self.policy
         cfg = policy.config
-        text = self.module.embeddings[batch["instruction"]]
-        lang = policy.gpt.project_language(text)
+        lang = policy.gpt.project_language(self.module.text(batch["instruction"]))
         tokens, states = batch["tokens"], batch["states"]
         b, t = tokens.shape[:2]
         finetune = self.name == "finetune"

@@ -222,8 +222,10 @@ def build_scene_xml(seed: int = 0) -> str:
     names).
     """
     top = TABLE_TOP_Z_M
-    head_pos = np.array([1.15, 0.35, top + 0.85])
-    head_axes = _lookat_xyaxes(head_pos, np.array([0.33, 0.0, top + 0.27]), np.array([0, 0, 1.0]))
+    # The head camera frames the block region from across the table, so that a 4 cm block
+    # is ~5 px wide at 64 px (from further away, ~2 px blocks did not survive tokenization).
+    head_pos = np.array([0.80, -0.02, top + 0.45])
+    head_axes = _lookat_xyaxes(head_pos, np.array([0.48, -0.02, top + 0.03]), np.array([0, 0, 1.0]))
     return f"""<mujoco model="gr2_gen3_scene">
 <compiler angle="radian" autolimits="true"/>
 <option timestep="{_f(TIMESTEP_S)}" integrator="implicitfast" gravity="0 0 -9.81"/>
@@ -264,7 +266,7 @@ def build_scene_xml(seed: int = 0) -> str:
         material="table" {_WORLD}/>
   <geom name="table_base" type="box" pos="0.3 0 {_f(top - TABLE_HEIGHT_M / 2 - 0.025)}"
         size="0.55 0.6 {_f(TABLE_HEIGHT_M / 2 - 0.025)}" rgba="0.3 0.3 0.32 1" {_WORLD}/>
-  <camera name="head" pos="{_f(head_pos)}" xyaxes="{head_axes}" fovy="55"/>
+  <camera name="head" pos="{_f(head_pos)}" xyaxes="{head_axes}" fovy="48"/>
   {_arm()}
   {_blocks(seed)}
 </worldbody>
