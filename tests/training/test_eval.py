@@ -17,13 +17,18 @@ def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_eval_runs_episodes_through_server_and_agent(tmp_path: Path) -> None:
-    checkpoint = tmp_path / "ck"
+def random_checkpoint(out: Path) -> Path:
+    """Random gr2-tiny weights written by the server's CLI (never succeeds early)."""
     init = run(
         script_path("gr2-policy-server"), "init-checkpoint", "--preset", "gr2-tiny",
-        "--seed", "0", "--out", str(checkpoint),
+        "--seed", "0", "--out", str(out),
     )  # fmt: skip
     assert init.returncode == 0, init.stderr
+    return out
+
+
+def test_eval_runs_episodes_through_server_and_agent(tmp_path: Path) -> None:
+    checkpoint = random_checkpoint(tmp_path / "ck")
     out = tmp_path / "eval"
     result = run(
         script_path("gr2-eval"), "--task", "touch", "--episodes", "2", "--max-steps", "4",
@@ -78,12 +83,7 @@ def _processes_mentioning(text: str) -> list[str]:
 
 
 def test_sigterm_stops_the_evaluation_and_every_process_it_started(tmp_path: Path) -> None:
-    checkpoint = tmp_path / "ck"
-    init = run(
-        script_path("gr2-policy-server"), "init-checkpoint", "--preset", "gr2-tiny",
-        "--seed", "0", "--out", str(checkpoint),
-    )  # fmt: skip
-    assert init.returncode == 0, init.stderr
+    checkpoint = random_checkpoint(tmp_path / "ck")
     out = tmp_path / "eval"
     proc = subprocess.Popen(
         [script_path("gr2-eval"), "--task", "touch", "--episodes", "4", "--workers", "2",
