@@ -21,7 +21,7 @@ from gr2_training.expert import (
     grasp_yaw,
 )
 from gr2_wbc.kinematics.rotations import quat_to_matrix, rot_z, rotation_error
-from gr2_wbc.tasks import EVAL_SEED_START
+from gr2_wbc.tasks import EVAL_SEED_START, get_task
 
 SEEDS = (0, 1, 2)
 
@@ -151,6 +151,14 @@ def test_datagen_round_trips_and_resumes(tmp_path, capsys) -> None:
         ("touch", 0),
         ("touch", 1),
     ]
+    # --targets all: the other two blocks of touch seed 0 (its drawn one is there already).
+    argv_all = ["--tasks", "touch", "--episodes-per-task", "4", "--out", str(out), "--quiet"]
+    assert datagen.main([*argv_all, "--targets", "all"]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == 2
+    touch_zero = [i for i in EpisodeDataset(out).index if i.task == "touch" and i.seed == 0]
+    assert sorted(i.instruction for i in touch_zero) == sorted(
+        t.instruction for t in get_task("touch").instances(0)
+    )
     with pytest.raises(SystemExit, match="held out"):
         datagen.main([*argv, "--seed-start", str(EVAL_SEED_START)])
     with pytest.raises(SystemExit, match="unknown task"):

@@ -26,6 +26,7 @@ from gr2_wbc.tasks import (
     block_extents,
     check_task,
     eval_seeds,
+    get_task,
     is_eval_seed,
     sample_task,
 )
@@ -72,6 +73,26 @@ def test_registry_and_instructions() -> None:
     touch_colours = [sample_task("touch", s).colour for s in range(200)]
     pick_colours = [sample_task("pick", s).colour for s in range(200)]
     assert touch_colours != pick_colours
+
+
+def test_instances_give_every_block_of_a_scene_as_the_target() -> None:
+    colours = set(scene.BLOCK_COLOURS)
+    for seed in range(20):
+        for name in ("touch", "pick"):
+            all_of_seed = get_task(name).instances(seed)
+            assert all_of_seed[0] == sample_task(name, seed)  # the drawn one first
+            assert {i.colour for i in all_of_seed} == colours and len(all_of_seed) == 3
+            assert len({i.instruction for i in all_of_seed}) == 3
+            assert all(i.seed == seed and i.name == name for i in all_of_seed)
+        pushes = get_task("push").instances(seed)
+        assert pushes[0] == sample_task("push", seed)
+        assert len({i.colour for i in pushes}) == len(pushes)
+        layout = scene.block_layout(seed)
+        for inst in pushes:  # every push it offers has a clear path
+            assert get_task("push").path_clear(layout, inst.colour, inst.params["direction_y"])
+            assert inst.instruction == f"push the {inst.colour} block to the {inst.params['side']}"
+    # Across seeds, push offers more than the drawn target (most blocks have a clear side).
+    assert sum(len(get_task("push").instances(s)) for s in range(20)) > 40
 
 
 def test_unknown_task_and_bad_seed() -> None:

@@ -7,16 +7,19 @@
 #
 # Every step resumes or is skipped when its output exists, so the script can be re-run after an
 # interruption. The order matters: the tokenizer and the video pre-training saw the first 900
-# demonstrations (300 per task); the 700 extra touch demonstrations were added for fine-tuning,
-# because touch episodes are the shortest (~15 steps vs ~22) and were the fewest training windows.
+# demonstrations (300 per task); the extra touch demonstrations are added for fine-tuning. They
+# show every block of a scene as the target (--targets all): with one drawn target per scene, a
+# model could learn "this layout -> that block" from the images and ignore the instruction
+# (gr2_training.probe measured exactly that: chance-level grounding on unseen scenes).
 set -euo pipefail
 WORK=${1:-runs/demo}
 BIN=${BIN:-.venv/bin}
 export MUJOCO_GL=${MUJOCO_GL:-egl}
 mkdir -p "$WORK"
 
-datagen() {  # datagen TASKS N: the dataset holds N demonstrations of each task (seeds 0..)
-    "$BIN/gr2-datagen" --tasks "$1" --episodes-per-task "$2" --out "$WORK/data" --workers 2
+datagen() {  # datagen TASKS N [ARGS]: the dataset holds N demonstrations of each task
+    "$BIN/gr2-datagen" --tasks "$1" --episodes-per-task "$2" --out "$WORK/data" --workers 2 \
+        "${@:3}"
 }
 
 # A stage whose run directory exists without a final checkpoint was interrupted: it resumes from
@@ -39,8 +42,8 @@ datagen touch,pick,push 300
 # 2. tokenizer (VQGAN) and 3. video-only pre-training, on those 900 episodes
 stage tokenizer "$WORK/tok" --data "$WORK/data" --preset gr2-tiny --steps 1500 --batch-size 16
 stage pretrain "$WORK/pre" --data "$WORK/data" --init "$WORK/tok" --steps 1000 --precision bf16
-# 4. touch demonstrations up to 1000 (seeds 300..999): 1600 episodes in all
-datagen touch 1000
+# 4. touch: every block of seeds 0..499 as the target (1500; 1200 new): 2100 episodes in all
+datagen touch 1500 --targets all
 # 5. robot fine-tuning (video + CVAE actions) from the pre-trained model
 stage finetune "$WORK/ft" --data "$WORK/data" --init "$WORK/pre" --steps 5000 --precision bf16 \
     --save-dtype float16

@@ -1,16 +1,24 @@
 """`gr2-datagen`: scripted-expert demonstrations of the sim tasks, written as a dataset.
 
     gr2-datagen --tasks touch,pick,push --episodes-per-task 200 --out data/sim
-                [--seed-start 0] [--keep-failures] [--workers 2] [--preset gr2-tiny]
+                [--seed-start 0] [--targets drawn|all] [--keep-failures] [--workers 2]
+                [--preset gr2-tiny]
 
 For each task, seeds ``seed-start``, ``seed-start + 1``, ... are demonstrated by
 :mod:`gr2_training.expert` until the dataset holds ``--episodes-per-task`` episodes of that
-task from those seeds (or ``--max-attempts`` seeds were tried). Failed demonstrations are not
-written unless ``--keep-failures`` (they are indexed with ``success: false`` then); they are
-listed in ``DIR/expert_failures.jsonl`` either way.
+task from those seeds (or ``--max-attempts`` episodes were tried). Failed demonstrations are
+not written unless ``--keep-failures`` (they are indexed with ``success: false`` then); they
+are listed in ``DIR/expert_failures.jsonl`` either way.
 
-Resumable: re-running the same command continues the dataset; seeds already in the index or
-in the failure list are skipped, so an interrupted run loses at most the episodes in flight.
+``--targets``: ``drawn`` (default) demonstrates the seed's own instance (``Task.sample``), the
+one evaluation uses for a held-out seed; ``all`` demonstrates every instance the seed's scene
+allows (``Task.instances``: each block as the target). With ``all`` the dataset holds the same
+first frame under different instructions, so a model cannot tell those episodes apart from the
+images alone and has to ground the instruction.
+
+Resumable: re-running the same command continues the dataset; (task, seed, instruction)
+already in the index or in the failure list are skipped, so an interrupted run loses at most
+the episodes in flight.
 Training seeds only: every seed must be below ``gr2_wbc.tasks.EVAL_SEED_START`` (held-out
 evaluation seeds start there).
 
@@ -40,9 +48,12 @@ from tqdm import tqdm
 from gr2_training.dataset import DatasetError, DatasetMeta, DatasetWriter, EpisodeDataset
 
 if TYPE_CHECKING:
+    from gr2_wbc.tasks import TaskInstance
+
     from gr2_training.expert import EpisodeSpec, ExpertEpisode
 
 FAILURES_FILE = "expert_failures.jsonl"
+TARGETS = ("drawn", "all")
 SOURCE = "scripted expert (gr2_training.expert) through the WBC agent's control loop in MuJoCo"
 
 
@@ -78,18 +89,17 @@ class TaskTally:
         }
 
 
-def _demonstrate(job: tuple[str, int, EpisodeSpec, float]) -> ExpertEpisode:
+def _demonstrate(job: tuple[TaskInstance, EpisodeSpec, float]) -> ExpertEpisode:
     """Worker: one expert episode (module level so a process pool can pickle it)."""
     os.environ.setdefault("MUJOCO_GL", "egl")
-    from gr2_wbc.tasks import sample_task
-
     from gr2_training.expert import run_expert
 
-    task, seed, spec, max_seconds = job
-    return run_expert(sample_task(task, seed), spec, max_seconds=max_seconds)
+    instance, spec, max_seconds = job
+    return run_expert(instance, spec, max_seconds=max_seconds)
 
 
-def _read_failures(root: Path) -> set[tuple[str, int]]:
+def _read_failures(root: Path) -> set[tuple[str, int, str]]:
+    """(task, seed, instruction) of the failed demonstrations listed in ``root``."""
     path = root / FAILURES_FILE
     if not path.exists():
         return set()
@@ -97,7 +107,7 @@ def _read_failures(root: Path) -> set[tuple[str, int]]:
     for line in path.read_text().splitlines():
         if line.strip():
             entry = json.loads(line)
-            out.add((entry["task"], int(entry["seed"])))
+            out.add((entry["task"], int(entry["seed"]), entry["instruction"]))
     return out
 
 
@@ -119,13 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset dir")
     parser.add_argument("--seed-start", type=int, default=0, help="first seed (default 0)")
     parser.add_argument(
+        "--targets",
+        choices=TARGETS,
+        default="drawn",
+        help="per seed: the drawn instance only (default), or every block as the target",
+    )
+    parser.add_argument(
         "--keep-failures", action="store_true", help="also write failed demonstrations"
     )
     parser.add_argument(
         "--max-attempts",
         type=int,
         default=None,
-        help="seeds tried per task at most (default 2 N + 10)",
+        help="episodes tried per task at most (default 2 N + 10)",
     )
     parser.add_argument(
         "--time-limit", type=float, default=15.0, help="robot seconds per episode (default 15)"
@@ -140,33 +156,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _key(instance: TaskInstance) -> tuple[str, int, str]:
+    return instance.name, instance.seed, instance.instruction
+
+
 def _jobs(
-    tallies: dict[str, TaskTally], done: set[tuple[str, int]], limit: int, end_seed: int
-) -> list[tuple[str, int]]:
-    """The next round of (task, seed): per task as many untried seeds as it still needs."""
-    out = []
-    for task, tally in tallies.items():
-        need = tally.remaining
-        while need > 0 and tally.attempts + len([j for j in out if j[0] == task]) < limit:
+    tallies: dict[str, TaskTally],
+    done: set[tuple[str, int, str]],
+    limit: int,
+    end_seed: int,
+    targets: str,
+) -> list[TaskInstance]:
+    """The next round: per task as many untried instances as it still needs, seed by seed
+    (all of a seed's instances with ``targets == "all"``)."""
+    from gr2_wbc.tasks import get_task
+
+    out: list[TaskInstance] = []
+    for name, tally in tallies.items():
+        task, need, queued = get_task(name), tally.remaining, 0
+        while need > 0 and tally.attempts + queued < limit and tally.next_seed < end_seed:
             seed = tally.next_seed
-            if seed >= end_seed:
-                break
             tally.next_seed += 1
-            if (task, seed) in done:
-                continue
-            out.append((task, seed))
-            need -= 1
-    out.sort(key=lambda j: (j[1], list(tallies).index(j[0])))  # seed-major: tasks interleave
+            candidates = task.instances(seed) if targets == "all" else [task.sample(seed)]
+            for instance in candidates:
+                if need > 0 and tally.attempts + queued < limit and _key(instance) not in done:
+                    out.append(instance)
+                    need -= 1
+                    queued += 1
+    out.sort(key=lambda i: (i.seed, list(tallies).index(i.name)))  # seed-major: tasks interleave
     return out
 
 
 def _run_round(
-    pool: Executor | None, jobs: list[tuple[str, int]], spec: EpisodeSpec, limit_s: float
-) -> Iterator[tuple[str, int, ExpertEpisode]]:
-    payload = [(task, seed, spec, limit_s) for task, seed in jobs]
+    pool: Executor | None, jobs: list[TaskInstance], spec: EpisodeSpec, limit_s: float
+) -> Iterator[tuple[TaskInstance, ExpertEpisode]]:
+    payload = [(instance, spec, limit_s) for instance in jobs]
     results = pool.map(_demonstrate, payload) if pool else map(_demonstrate, payload)
-    for (task, seed), episode in zip(jobs, results, strict=True):
-        yield task, seed, episode
+    yield from zip(jobs, results, strict=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as err:
         raise SystemExit(f"gr2-datagen: {err}") from None
     failures = _read_failures(args.out)
-    done = {(e.task, e.seed) for e in existing} | failures
+    done = {(e.task, e.seed, e.instruction) for e in existing} | failures
     tallies = {t: TaskTally(wanted=n, next_seed=args.seed_start) for t in tasks}
     for e in existing:
         if e.task in tallies and e.seed >= args.seed_start:
@@ -212,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(t.remaining for t in tallies.values())
     print(
         f"[gr2-datagen] {args.out}: {len(existing)} episodes already, {total} to write "
-        f"({', '.join(tasks)}; seeds from {args.seed_start})",
+        f"({', '.join(tasks)}; seeds from {args.seed_start}, targets: {args.targets})",
         file=sys.stderr,
         flush=True,
     )
@@ -223,15 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     pool = ProcessPoolExecutor(args.workers, mp_context=spawn) if args.workers > 1 else None
     try:
         while True:
-            jobs = _jobs(tallies, done, limit, EVAL_SEED_START)
+            jobs = _jobs(tallies, done, limit, EVAL_SEED_START, args.targets)
             if not jobs:
                 break
-            for task, seed, episode in _run_round(pool, jobs, spec, args.time_limit):
+            for instance, episode in _run_round(pool, jobs, spec, args.time_limit):
+                task, seed = instance.name, instance.seed
                 tally = tallies[task]
                 tally.attempts += 1
                 tally.steps += episode.steps
                 tally.wall_s += float(episode.extra["wall_s"])
-                done.add((task, seed))
+                done.add(_key(instance))
                 if episode.success:
                     tally.successes += 1
                 else:

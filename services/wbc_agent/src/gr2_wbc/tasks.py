@@ -174,6 +174,16 @@ class Task:
         colour = str(_rng(self.name, seed).choice(list(scene.BLOCK_COLOURS)))
         return TaskInstance(self.name, seed, self.instruction(colour), colour)
 
+    def instances(self, seed: int) -> list[TaskInstance]:
+        """Every instance the scene of ``seed`` allows: one per block as the target, the
+        drawn one (``sample``) first. Demonstrating them all gives the same first frame
+        with different instructions, so only the instruction tells the episodes apart."""
+        drawn = self.sample(seed)
+        others = [c for c in scene.BLOCK_COLOURS if c != drawn.colour]
+        return [drawn] + [
+            TaskInstance(self.name, drawn.seed, self.instruction(c), c) for c in others
+        ]
+
     def check(
         self, sim: TaskScene, instance: TaskInstance, start_blocks: dict[str, np.ndarray]
     ) -> TaskOutcome:
@@ -261,6 +271,24 @@ class PushTask(Task):
         colour, side = colours[first], sides[0]
         params = {"side": side, "direction_y": SIDES[side]}
         return TaskInstance(self.name, seed, self.instruction(colour, side=side), colour, params)
+
+    def instances(self, seed: int) -> list[TaskInstance]:
+        """The drawn instance first, then each other block with a clear side (tried in the
+        drawn side order); blocks with no clear side are left out."""
+        drawn = self.sample(seed)
+        layout = scene.block_layout(drawn.seed)
+        out = [drawn]
+        first_side = drawn.params["side"]
+        sides = [first_side] + [s for s in SIDES if s != first_side]
+        for colour in scene.BLOCK_COLOURS:
+            if colour == drawn.colour:
+                continue
+            side = next((s for s in sides if self.path_clear(layout, colour, SIDES[s])), None)
+            if side is not None:
+                params = {"side": side, "direction_y": SIDES[side]}
+                text = self.instruction(colour, side=side)
+                out.append(TaskInstance(self.name, drawn.seed, text, colour, params))
+        return out
 
     def path_clear(
         self, layout: dict[str, tuple[float, float, float]], colour: str, direction: float
