@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The bundled demo checkpoint (gr2_policy/checkpoints/demo): scripted-expert demonstrations, then
-# the three GR-2 training stages on gr2-tiny, on CPU (about 1.5 h on 2 cores).
+# the three GR-2 training stages on gr2-tiny, on CPU (about 2.5 h on 2 cores).
 #
 #   bash training/recipes/demo_gr2_tiny.sh [WORK]       # WORK defaults to runs/demo
 #   ABLATION=1 bash training/recipes/demo_gr2_tiny.sh   # also fine-tunes without pre-training
 #
 # Every step resumes or is skipped when its output exists, so the script can be re-run after an
-# interruption. The order matters: the tokenizer saw the first 900 demonstrations (300 per
-# task); the extra touch demonstrations came after it. They show every block of a scene as the
-# target (--targets all): with one drawn target per scene, a
+# interruption. The order matters: the tokenizer and the video pre-training saw the first 900
+# demonstrations (300 per task); the extra touch demonstrations are added for fine-tuning. They
+# show every block of a scene as the target (--targets all): with one drawn target per scene, a
 # model could learn "this layout -> that block" from the images and ignore the instruction
 # (gr2_training.probe measured exactly that: chance-level grounding on unseen scenes).
 set -euo pipefail
@@ -39,22 +39,18 @@ stage() {  # stage NAME RUN_DIR ARGS...
 
 # 1. 300 demonstrations per task on training seeds 0..299
 datagen touch,pick,push 300
-# 2. tokenizer (VQGAN), on those 900 episodes
+# 2. tokenizer (VQGAN) and 3. video-only pre-training, on those 900 episodes
 stage tokenizer "$WORK/tok" --data "$WORK/data" --preset gr2-tiny --steps 1500 --batch-size 16
-# 3. touch: every block of seeds 0..499 as the target (1500; 1200 new): 2100 episodes in all
+stage pretrain "$WORK/pre" --data "$WORK/data" --init "$WORK/tok" --steps 1000 --precision bf16
+# 4. touch: every block of seeds 0..499 as the target (1500; 1200 new): 2100 episodes in all
 datagen touch 1500 --targets all
-# 4. video-only pre-training on the 2100 episodes
-stage pretrain "$WORK/pre" --data "$WORK/data" --init "$WORK/tok" --steps 1000 --precision bf16 \
-    --token-cache "$WORK/token_cache"
-# 5. robot fine-tuning (video + CVAE actions) from the pre-trained model. The image term is
-#    weighted 0.01 (default 0.1): at 0.1 the next-frame loss is ~95 % of the total and the
-#    action term, where the instruction matters, barely steers the shared trunk.
-FINETUNE=(--data "$WORK/data" --steps 3000 --precision bf16 --save-dtype float16
-    --image-weight 0.01 --token-cache "$WORK/token_cache")
-stage finetune "$WORK/ft" --init "$WORK/pre" "${FINETUNE[@]}"
+# 5. robot fine-tuning (video + CVAE actions) from the pre-trained model
+stage finetune "$WORK/ft" --data "$WORK/data" --init "$WORK/pre" --steps 5000 --precision bf16 \
+    --save-dtype float16
 # 6. the ablation: the same fine-tuning budget from the tokenizer run (no video pre-training)
 if [ "${ABLATION:-0}" = 1 ]; then
-    stage finetune "$WORK/ft_no_pretrain" --init "$WORK/tok" "${FINETUNE[@]}"
+    stage finetune "$WORK/ft_no_pretrain" --data "$WORK/data" --init "$WORK/tok" --steps 5000 \
+        --precision bf16 --save-dtype float16
 fi
 echo "done: $WORK/ft/checkpoint (bundle it: cp $WORK/ft/checkpoint/* \\"
 echo "      services/policy_server/src/gr2_policy/checkpoints/demo/)"

@@ -173,8 +173,6 @@ class GR2GPT(nn.Module):
         self.view_embed = nn.Parameter(torch.empty(len(cfg.views), d))
         self.pos_embed = nn.Parameter(torch.empty(cfg.tokens_per_view, d))
         self.state_proj = nn.Linear(ENCODED_STATE_DIM, d)
-        # The instruction, added to every image token (see ``language_bias``).
-        self.image_lang = nn.Linear(d, d)
         self.no_state = nn.Parameter(torch.empty(d))
         self.act_query = nn.Parameter(torch.empty(d))
         self.blocks = nn.ModuleList(
@@ -207,19 +205,9 @@ class GR2GPT(nn.Module):
         state_encoded = torch.where(valid, state_encoded, 0.0)  # NaN in a hole cannot leak
         return torch.where(valid, self.state_proj(state_encoded), self.no_state)
 
-    def language_bias(self, lang: Tensor) -> Tensor:
-        """[LANG] embeddings (B, d) -> the vector (B, d) added to every image token of the
-        episode. It lets each image token's MLP compute "am I the block the instruction
-        names" locally, which [ACT] can then find by attention (FiLM-like conditioning, as
-        RT-1 does in its image encoder). With the instruction only in its own token,
-        gr2-tiny learned to ignore it (``gr2_training.probe``)."""
-        return self.image_lang(lang)
-
     def assemble_steps(self, lang: Tensor, image_emb: Tensor, state_emb: Tensor) -> Tensor:
-        """lang (B, d), image_emb (B, T, V*N, d), state_emb (B, T, d) -> (B, T, P, d); the
-        image tokens get ``language_bias(lang)``."""
+        """lang (B, d), image_emb (B, T, V*N, d), state_emb (B, T, d) -> (B, T, P, d)."""
         b, t = state_emb.shape[:2]
-        image_emb = image_emb + self.language_bias(lang)[:, None, None]
         return torch.cat(
             (lang[:, None, None].expand(b, t, 1, -1), image_emb, state_emb[:, :, None]), dim=2
         )
@@ -294,7 +282,7 @@ class GR2GPT(nn.Module):
         output (B, d) or None). With ``with_act`` an [ACT] query of ``step`` follows the
         tokens; its key/value go to the cache's scratch slot, which only it can see.
         """
-        _, s, d = x.shape
+        b, s, d = x.shape
         if with_act:
             if start != 0:
                 raise ValueError("an [ACT] query needs the whole step (start 0, with its [LANG])")

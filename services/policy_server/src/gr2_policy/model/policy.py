@@ -227,7 +227,6 @@ class GR2Policy(nn.Module):
         generator = sampling.generator()
         out = torch.empty(b, num_frames, vn, dtype=torch.long, device=lang.device)
         no_state = self.gpt.no_state.expand(b, 1, -1)
-        bias = self.gpt.language_bias(lang)[:, None]  # what assemble_steps adds to images
         snapshot = cache.snapshot(num_frames)
         try:
             step = cache.next_step.clone()
@@ -237,8 +236,7 @@ class GR2Policy(nn.Module):
                     hidden, _ = self.gpt.forward_cached(x, cache, step, u, with_act=False)
                     token = sample_tokens(self.gpt.image_logits(hidden[:, -1]), sampling, generator)
                     out[:, frame, u] = token
-                    code = self.vqgan.code_vectors(token)[:, None]
-                    x = self.gpt.embed_images(code, start=u) + bias
+                    x = self.gpt.embed_images(self.vqgan.code_vectors(token)[:, None], start=u)
                 if frame + 1 < num_frames:  # complete the step: last image token + [STATE]
                     self.gpt.forward_cached(
                         torch.cat((x, no_state), dim=1), cache, step, vn, with_act=False
