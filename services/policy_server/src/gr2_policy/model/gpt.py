@@ -4,8 +4,7 @@ Token layout per timestep (P = 2 + V*N tokens, in-step index u)::
 
     u = 0: [LANG]   u = 1 .. V*N: image tokens, view by view   u = V*N + 1: [STATE]
 
-plus, for the steps whose action is wanted, an [ACT] query token (the learned query plus the
-step's [LANG] embedding, see ``GR2GPT.act_tokens``). Every token carries its
+plus, for the steps whose action is wanted, an [ACT] query token. Every token carries its
 step s and its position (s*P + u; [ACT] of step s sits at s*P + P). The one attention rule,
 used by the full forward and by the cached forward alike::
 
@@ -212,15 +211,6 @@ class GR2GPT(nn.Module):
             (lang[:, None, None].expand(b, t, 1, -1), image_emb, state_emb[:, :, None]), dim=2
         )
 
-    def act_tokens(self, lang: Tensor) -> Tensor:
-        """The [ACT] queries (..., d) of steps whose [LANG] embeddings are ``lang`` (..., d):
-        the learned query plus the instruction. The sum gives the action readout a direct
-        path to the instruction; with the learned query alone, gr2-tiny trained to ignore
-        the instruction (its actions did not change with the colour named; see
-        ``gr2_training.probe``), because the instruction reached [ACT] only through one key
-        among ~130 per step."""
-        return self.act_query + lang
-
     def image_logits(self, hidden: Tensor) -> Tensor:
         """Final hidden states (..., d) -> next image token logits (..., codebook_size)."""
         return self.image_head(hidden)
@@ -241,7 +231,7 @@ class GR2GPT(nn.Module):
         act_at = {"all": list(range(t)), "last": [t - 1], "none": []}[act_steps]
         x = steps.reshape(b, t * p, d)
         if act_at:
-            x = torch.cat((x, self.act_tokens(steps[:, act_at, 0])), dim=1)
+            x = torch.cat((x, self.act_query.expand(b, len(act_at), d)), dim=1)
         step_ids, pos_ids, is_act = self._layout(t, first_step, tuple(act_at), x.device)
         mask = self._full_mask(t, tuple(act_at), x.device, step_ids, pos_ids, is_act)
         rope = rope_tables(pos_ids, d // self.cfg.n_heads, self.cfg.rope_base, x.dtype)
@@ -284,9 +274,7 @@ class GR2GPT(nn.Module):
         """
         b, s, d = x.shape
         if with_act:
-            if start != 0:
-                raise ValueError("an [ACT] query needs the whole step (start 0, with its [LANG])")
-            x = torch.cat((x, self.act_tokens(x[:, :1])), dim=1)
+            x = torch.cat((x, self.act_query.expand(b, 1, d)), dim=1)
         write_index, q_step, q_pos, q_act = cache.claim(step, start, s, with_act)
         mask = attention_mask(
             q_step, q_pos, q_act, cache.key_step, cache.key_pos, cache.key_act, self.cfg.history
