@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from gr2_policy.model import GR2Config, load_checkpoint
+from gr2_policy.model.losses import RobotBatch, finetune_loss
 from gr2_training.dataset import DatasetMeta, DatasetWriter, EpisodeDataset
 from gr2_training.train import checkpointing as ckpt
 from gr2_training.train.cli import main
@@ -164,6 +165,29 @@ def test_batches_depend_only_on_seed_and_step_and_ranks_split_them() -> None:
     assert batch["actions"].shape == (6, 4, K, 8) and batch["instruction"].shape == (6,)
 
 
+def test_a_start_fraction_of_clips_begins_at_an_episode_start() -> None:
+    eps = [
+        EpisodeTokens(
+            None,
+            np.zeros((t, 2, 4), np.int64),
+            np.zeros((t, 8), np.float32),
+            np.zeros((t, K, 8), np.float32),
+            np.ones((t, K), bool),
+        )
+        for t in (12, 30, 9)
+    ]
+    firsts = set(ClipData(eps, [0, 1, 2], clip_length=4).first_window[:-1].tolist())
+    uniform = ClipData(eps, [0, 1, 2], clip_length=4).sample(np.random.default_rng(5), 400)
+    assert np.array_equal(uniform, np.random.default_rng(5).integers(0, 9 + 27 + 6, 400))
+    only_starts = ClipData(eps, [0, 1, 2], 4, start_fraction=1.0)
+    assert set(only_starts.sample(np.random.default_rng(5), 400).tolist()) == firsts
+    half = ClipData(eps, [0, 1, 2], 4, start_fraction=0.5).sample(np.random.default_rng(5), 400)
+    at_start = np.isin(half, list(firsts)).mean()
+    assert 0.4 < at_start < 0.7  # 0.5 drawn + the few uniform windows that are starts
+    with pytest.raises(TrainingError, match="--start-fraction"):
+        ClipData(eps, [0, 1, 2], 4, start_fraction=1.5)
+
+
 def test_worker_processes_prepare_the_same_batches() -> None:
     rng = np.random.default_rng(1)
     eps = [
@@ -310,6 +334,53 @@ def test_pretraining_ignores_states_and_actions(tmp_path: Path, runs: dict[str, 
     assert train("finetune", other, tmp_path / "d", *args) == 0
     c, d = (read_metrics(tmp_path / r / "metrics.jsonl") for r in ("c", "d"))
     assert c[0]["arm"] != d[0]["arm"] and c[0]["image"] == d[0]["image"]
+
+
+def test_hidden_states_are_not_seen_but_the_targets_stay_relative_to_them(
+    runs: dict[str, Path],
+) -> None:
+    """Moving states and actions together leaves the relative action targets unchanged: a
+    model that sees the states notices, one whose states are hidden does not."""
+    policy = load_checkpoint(runs["finetune"] / "checkpoint")
+    gen = torch.Generator().manual_seed(0)
+    b, t, cfg = 3, 4, policy.config
+    tokens = torch.randint(0, cfg.codebook_size, (b, t, 2, cfg.tokens_per_view), generator=gen)
+    states = torch.cat((torch.rand(b, t, 3, generator=gen), torch.zeros(b, t, 5)), dim=-1)
+    states[..., 3] = 1.0  # identity quaternion, gripper open
+    actions = states[:, :, None].repeat(1, 1, K, 1)
+    actions[..., :3] += 0.01 * torch.randn(b, t, K, 3, generator=gen)
+    text = policy.embed_text(["touch the red block"] * b)
+    valid = torch.ones(b, t, K, dtype=torch.bool)
+    shift = torch.tensor([0.3, -0.2, 0.1, 0, 0, 0, 0, 0])
+
+    def run(shown: bool, moved: bool) -> tuple[float, torch.Tensor]:
+        offset = shift if moved else torch.zeros(8)
+        batch = RobotBatch(
+            text, tokens, states + offset, actions + offset, valid,
+            torch.full((b, t), shown),
+        )  # fmt: skip
+        with torch.no_grad():
+            loss = finetune_loss(policy, batch, generator=torch.Generator().manual_seed(1))
+            lang = policy.gpt.project_language(text)
+            act = policy(lang, tokens, batch.states, batch.state_valid, act_steps="all").act
+        return float(loss["arm"]), act
+
+    (loss_a, act_a), (loss_b, act_b) = run(False, False), run(False, True)
+    assert torch.equal(act_a, act_b)  # what the model sees does not move...
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)  # ...nor do the targets (float rounding)
+    assert not torch.equal(run(True, False)[1], run(True, True)[1])  # shown states are seen
+
+
+def test_state_dropout_and_start_fraction_are_recorded_and_checked(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    args = ["--init", str(runs["pretrain"]), "--steps", "2", "--batch-size", "4"]
+    knobs = ["--state-dropout", "0.5", "--start-fraction", "0.25"]
+    assert train("finetune", runs["data"], tmp_path / "ok", *args, *knobs) == 0
+    recorded = json.loads((tmp_path / "ok" / "run.json").read_text())["stage_data"]
+    assert recorded["state_dropout"] == 0.5 and recorded["start_fraction"] == 0.25
+    assert train("finetune", runs["data"], tmp_path / "bad", *args, "--state-dropout", "2") == 2
+    assert train("finetune", runs["data"], tmp_path / "bad2", *args, "--start-fraction", "-1") == 2
 
 
 @pytest.mark.parametrize("stage", ["tokenizer", "finetune"])

@@ -137,11 +137,19 @@ class ClipData:
     """Windows of ``clip_length`` consecutive steps over episodes (shorter ones are left out).
 
     ``instruction_ids[e]`` is episode e's row in the table of distinct instructions.
+    ``start_fraction`` of the sampled clips begin at an episode's first step (episodes drawn
+    uniformly), the rest are uniform over all windows.
     """
 
     def __init__(
-        self, episodes: Sequence[EpisodeTokens], instruction_ids: Sequence[int], clip_length: int
+        self,
+        episodes: Sequence[EpisodeTokens],
+        instruction_ids: Sequence[int],
+        clip_length: int,
+        start_fraction: float = 0.0,
     ) -> None:
+        if not 0.0 <= start_fraction <= 1.0:
+            raise TrainingError(f"--start-fraction must be in [0, 1], got {start_fraction}")
         keep = [e for e, ep in enumerate(episodes) if ep.steps >= clip_length]
         if not keep:
             longest = max((ep.steps for ep in episodes), default=0)
@@ -150,6 +158,7 @@ class ClipData:
                 "lower --clip-length"
             )
         self.clip_length = clip_length
+        self.start_fraction = start_fraction
         self.episodes = [episodes[e] for e in keep]
         self.instruction_ids = np.asarray([instruction_ids[e] for e in keep], np.int64)
         self.skipped = len(episodes) - len(keep)
@@ -158,8 +167,14 @@ class ClipData:
         self.total_windows = int(self.first_window[-1])
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """n window ids, uniformly over all windows, with replacement."""
-        return rng.integers(0, self.total_windows, size=n)
+        """n window ids with replacement: uniformly over all windows, except that a
+        ``start_fraction`` of them are the first window of a uniformly drawn episode."""
+        windows = rng.integers(0, self.total_windows, size=n)
+        if self.start_fraction > 0.0:  # (no extra draws otherwise: old seeds stay exact)
+            at_start = rng.random(n) < self.start_fraction
+            first = self.first_window[rng.integers(0, len(self.episodes), size=n)]
+            windows = np.where(at_start, first, windows)
+        return windows
 
     def gather(self, windows: np.ndarray) -> dict[str, torch.Tensor]:
         """The clips of ``windows``: tokens (B, T, V, N) long, states (B, T, 8), actions

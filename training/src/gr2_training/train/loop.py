@@ -127,7 +127,9 @@ def run(settings: Settings) -> dict[str, Any]:
     check_settings(settings)
     info = init_distributed(settings.device)
     try:
-        return _run(settings, info)
+        summary = _run(settings, info)
+        barrier(info)  # no rank tears the group down while another still uses it
+        return summary
     finally:
         shutdown(info)
 

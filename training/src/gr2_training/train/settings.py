@@ -52,6 +52,8 @@ class Settings:
     clip_length: int | None = None  # default 2h
     token_cache: str | None = None
     text_encoder: str = "frozen"  # frozen | train (trains with the GPT)
+    state_dropout: float = 0.0  # fraction of fine-tuning clips with every state hidden
+    start_fraction: float = 0.0  # fraction of clips that begin at an episode's first step
     image_weight: float | None = None  # loss weights (default: the stage's design defaults)
     arm_weight: float | None = None
     gripper_weight: float | None = None

@@ -127,6 +127,7 @@ class GPTLoss(nn.Module):
         weights: LossWeights,
         seed: int,
         rank: int,
+        state_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.policy = policy
@@ -137,6 +138,7 @@ class GPTLoss(nn.Module):
         self.weights = weights
         self.seed = seed
         self.rank = rank
+        self.state_dropout = state_dropout
 
     def text(self, rows: Tensor) -> Tensor:
         """Text embeddings of the instructions in table ``rows``: through the encoder (with
@@ -145,12 +147,27 @@ class GPTLoss(nn.Module):
             return self.embeddings[rows]
         return self.policy.text_encoder.encode([self.instructions[i] for i in rows.tolist()])
 
+    def hidden_states(self, states: Tensor, step: int) -> Tensor | None:
+        """state_valid (B, T): a ``state_dropout`` fraction of the clips show no state at
+        all (drawn per step and rank, reproducibly); None without dropout."""
+        if self.state_dropout <= 0.0:
+            return None
+        b, t = states.shape[:2]
+        generator = torch.Generator().manual_seed(step_seed(self.seed, step, self.rank, 3))
+        shown = torch.rand(b, generator=generator) >= self.state_dropout
+        return shown[:, None].expand(b, t).to(states.device)
+
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         text = self.text(batch["instruction"])
         if self.stage == "pretrain":  # states and actions dropped, as for web video
             return pretrain_loss(self.policy, VideoBatch(text, batch["tokens"]), self.weights)
         robot = RobotBatch(
-            text, batch["tokens"], batch["states"], batch["actions"], batch["action_valid"]
+            text,
+            batch["tokens"],
+            batch["states"],
+            batch["actions"],
+            batch["action_valid"],
+            self.hidden_states(batch["states"], step),
         )
         generator = torch.Generator().manual_seed(step_seed(self.seed, step, self.rank, 2))
         return finetune_loss(self.policy, robot, self.weights, generator=generator)
@@ -173,6 +190,8 @@ class GPTStage(Stage):
             gripper=base.gripper if s.gripper_weight is None else s.gripper_weight,
             kl=base.kl if s.kl_weight is None else s.kl_weight,
         )
+        if not 0.0 <= s.state_dropout <= 1.0:
+            raise TrainingError(f"--state-dropout must be in [0, 1], got {s.state_dropout}")
 
     def clip_length(self, config: GR2Config) -> int:
         t = self.settings.clip_length or 2 * config.history
@@ -210,7 +229,9 @@ class GPTStage(Stage):
                 ]
             )
         n_train = len(train_idx)
-        self.train_data = data_mod.ClipData(episodes[:n_train], ids[:n_train], t)
+        self.train_data = data_mod.ClipData(
+            episodes[:n_train], ids[:n_train], t, start_fraction=s.start_fraction
+        )
         self.val_data = data_mod.ClipData(episodes[n_train:], ids[n_train:], t) if val_idx else None
         if self.name == "pretrain":
             # Video only: what reads states or answers [ACT] queries stays as it was.
@@ -225,7 +246,7 @@ class GPTStage(Stage):
             policy.text_encoder.requires_grad_(True)
         self.module = GPTLoss(
             policy, embeddings, instructions, train_text, self.name, self.weights, s.seed,
-            info.rank,
+            info.rank, state_dropout=s.state_dropout if self.uses_actions else 0.0,
         )  # fmt: skip
         self.batches = data_mod.StepBatches(
             self.train_data, s.seed, s.batch_size, info.rank, info.world_size
@@ -239,6 +260,8 @@ class GPTStage(Stage):
             "token_cache": str(directory),
             "loss_weights": asdict(self.weights),
             "text_encoder": "train" if train_text else "frozen",
+            "state_dropout": s.state_dropout,
+            "start_fraction": s.start_fraction,
         }
 
     @torch.no_grad()

@@ -54,11 +54,14 @@ class VideoBatch:
 class RobotBatch(VideoBatch):
     """A batch of robot clips: raw states (B, T, 8) (position m, quat wxyz, gripper 0..1),
     the k future waypoints after each step (B, T, k, 8) in the same raw form, and which of
-    them exist (B, T, k) bool (the end of an episode has fewer than k)."""
+    them exist (B, T, k) bool (the end of an episode has fewer than k). ``state_valid``
+    (B, T) bool hides states from the model (the "no state" token); the action targets
+    stay relative to the true states. None: every state is shown."""
 
     states: Tensor
     actions: Tensor
     action_valid: Tensor
+    state_valid: Tensor | None = None
 
 
 def action_targets(states: Tensor, actions: Tensor, position_scale_m: float) -> Tensor:
@@ -117,7 +120,7 @@ def finetune_loss(
     """
     cfg = policy.config
     lang = policy.gpt.project_language(batch.text_embedding)
-    out = policy(lang, batch.image_tokens, batch.states, act_steps="all")
+    out = policy(lang, batch.image_tokens, batch.states, batch.state_valid, act_steps="all")
     image = image_token_loss(policy, out.hidden, batch.image_tokens)
 
     b, t = batch.image_tokens.shape[:2]
