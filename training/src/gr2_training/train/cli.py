@@ -147,16 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
             "GPT (e.g. the built-in byte encoder, which has no pre-trained weights)",
         )
         p.add_argument(
-            "--state-dropout",
-            type=float,
-            default=0.0,
-            metavar="P",
-            help="fine-tuning: the fraction of clips whose states are all hidden (the 'no "
-            "state' token), so the actions must come from the images and the instruction; "
-            "without it a policy can copy the arm's motion from its state history and "
-            "ignore both (default 0)",
-        )
-        p.add_argument(
             "--start-fraction",
             type=float,
             default=0.0,
@@ -169,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="share image-token caches between runs (default RUN_DIR/token_cache)",
         )
+        if name == "finetune":  # pre-training never sees states
+            p.add_argument(
+                "--state-dropout",
+                type=float,
+                default=0.0,
+                metavar="P",
+                help="the fraction of clips whose states are all hidden (the 'no "
+                "state' token), so the actions must come from the images and the instruction; "
+                "without it a policy can copy the arm's motion from its state history and "
+                "ignore both (default 0)",
+            )
         for term in ("image", "arm", "gripper", "kl"):
             p.add_argument(
                 f"--{term}-weight",

@@ -148,8 +148,6 @@ class ClipData:
         clip_length: int,
         start_fraction: float = 0.0,
     ) -> None:
-        if not 0.0 <= start_fraction <= 1.0:
-            raise TrainingError(f"--start-fraction must be in [0, 1], got {start_fraction}")
         keep = [e for e, ep in enumerate(episodes) if ep.steps >= clip_length]
         if not keep:
             longest = max((ep.steps for ep in episodes), default=0)

@@ -190,8 +190,6 @@ class GPTStage(Stage):
             gripper=base.gripper if s.gripper_weight is None else s.gripper_weight,
             kl=base.kl if s.kl_weight is None else s.kl_weight,
         )
-        if not 0.0 <= s.state_dropout <= 1.0:
-            raise TrainingError(f"--state-dropout must be in [0, 1], got {s.state_dropout}")
 
     def clip_length(self, config: GR2Config) -> int:
         t = self.settings.clip_length or 2 * config.history
@@ -246,7 +244,7 @@ class GPTStage(Stage):
             policy.text_encoder.requires_grad_(True)
         self.module = GPTLoss(
             policy, embeddings, instructions, train_text, self.name, self.weights, s.seed,
-            info.rank, state_dropout=s.state_dropout if self.uses_actions else 0.0,
+            info.rank, state_dropout=s.state_dropout,
         )  # fmt: skip
         self.batches = data_mod.StepBatches(
             self.train_data, s.seed, s.batch_size, info.rank, info.world_size
