@@ -11,6 +11,7 @@ Two ways to run it, with the same result (the parity tests hold them to 1e-4 in 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -221,30 +222,45 @@ class GR2Policy(nn.Module):
         episode in ``cache`` -> ids (B, F, V, N). Imagined steps carry the "no state"
         token. The cache is rolled back afterwards (bit-identical, step counter included).
         """
+        frames = [
+            ids for ids in self.iter_video(cache, lang, num_frames, sampling) if ids is not None
+        ]
+        return torch.stack(frames, dim=1)
+
+    def iter_video(
+        self, cache: RollingKVCache, lang: Tensor, num_frames: int, sampling: Sampling
+    ) -> Iterator[Tensor | None]:
+        """``generate_frames`` one image token per ``next()``: yields None after each token
+        but a frame's last, and the frame's ids (B, V, N) after its last. A server runs it a
+        few tokens at a time between control steps. The cache is rolled back when the
+        generator is exhausted or closed.
+        """
         cfg = self.config
         vn, b = cfg.image_tokens_per_step, cache.batch
         _check_num_frames(num_frames)
         generator = sampling.generator()
-        out = torch.empty(b, num_frames, vn, dtype=torch.long, device=lang.device)
         no_state = self.gpt.no_state.expand(b, 1, -1)
         snapshot = cache.snapshot(num_frames)
         try:
             step = cache.next_step.clone()
             for frame in range(num_frames):
+                out = torch.empty(b, vn, dtype=torch.long, device=lang.device)
                 x = lang[:, None]  # [LANG] of the imagined step: in-step index 0
                 for u in range(vn):
                     hidden, _ = self.gpt.forward_cached(x, cache, step, u, with_act=False)
                     token = sample_tokens(self.gpt.image_logits(hidden[:, -1]), sampling, generator)
-                    out[:, frame, u] = token
+                    out[:, u] = token
                     x = self.gpt.embed_images(self.vqgan.code_vectors(token)[:, None], start=u)
+                    if u + 1 < vn:
+                        yield None
                 if frame + 1 < num_frames:  # complete the step: last image token + [STATE]
                     self.gpt.forward_cached(
                         torch.cat((x, no_state), dim=1), cache, step, vn, with_act=False
                     )
                 step = step + 1
+                yield out.view(b, len(cfg.views), cfg.tokens_per_view)
         finally:
             cache.restore(snapshot)
-        return out.view(b, num_frames, len(cfg.views), cfg.tokens_per_view)
 
     def generate_frames_uncached(
         self,
