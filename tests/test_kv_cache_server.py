@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gr2_client import PolicyClient, make_observation
+from gr2_client import PolicyClient
 from gr2_policy.model import GR2Config
 
+from tests.support.observations import random_observation
 from tests.support.servers import run_policy_server
 
 pytestmark = pytest.mark.e2e
@@ -21,24 +22,7 @@ def episode_waypoints(target: str, n_steps: int) -> tuple[str, np.ndarray]:
     with PolicyClient(target) as client:
         info = client.server_info()
         episode = client.start_episode("stack the green block on the red one")
-        observations = []
-        for seq in range(n_steps):
-            images = {
-                name: rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-                for name, w, h in info.views
-            }
-            quat = rng.normal(size=4)
-            observations.append(
-                make_observation(
-                    episode,
-                    seq,
-                    images,
-                    rng.uniform(0.2, 0.6, size=3),
-                    quat / np.linalg.norm(quat),
-                    float(rng.uniform()),
-                    capture_time_s=0.1 * seq,
-                )
-            )
+        observations = [random_observation(rng, info, episode, seq) for seq in range(n_steps)]
         chunks = list(client.stream_actions(iter(observations)))
     waypoints = np.array(
         [[[*w.position, *w.quat_wxyz, w.gripper] for w in c.waypoints] for c in chunks]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gr2_policy.errors import CheckpointError
+from gr2_policy.errors import CheckpointError, GR2Error
 from gr2_policy.logs import configure_logging
 from gr2_policy.settings import ServerSettings
 
@@ -26,6 +26,13 @@ _SERVE_FLAGS = {
     "--device": ("device", str),
     "--torch-threads": ("torch_threads", int),
     "--kv-cache": ("kv_cache", str),
+    "--runner": ("runner", str),
+    "--precision": ("precision", str),
+    "--kv-pool-bytes": ("kv_pool_bytes", int),
+    "--kv-cache-dtype": ("kv_cache_dtype", str),
+    "--max-batch-size": ("max_batch_size", int),
+    "--max-batch-delay-ms": ("max_batch_delay_ms", float),
+    "--engine-cache-dir": ("engine_cache_dir", Path),
     "--replica": ("replica", str),
     "--log-level": ("log_level", str),
 }
@@ -62,7 +69,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         print(f"gr2-policy-server: cannot load checkpoint: {err}", file=sys.stderr)
         return 2
-    except OSError as err:
+    except (OSError, GR2Error) as err:  # e.g. a KV budget below one episode, no TensorRT
         print(f"gr2-policy-server: {err}", file=sys.stderr)
         return 2
     return 0

@@ -20,6 +20,11 @@ class EpisodeNotFoundError(GR2Error):
     """The episode id is unknown (NOT_FOUND / 404)."""
 
 
+class EpisodeNotResidentError(EpisodeNotFoundError):
+    """The engine holds no cache for a live episode (evicted, or started on another
+    replica): the caller rebuilds it from the episode store's step records."""
+
+
 class EpisodeEndedError(GR2Error):
     """A step or end on an episode that has already ended (FAILED_PRECONDITION / 409)."""
 

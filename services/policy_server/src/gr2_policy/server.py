@@ -35,11 +35,13 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
-def build_engine(settings: ServerSettings):  # type: ignore[no-untyped-def]
-    """Load the checkpoint (or seeded random weights) and wrap it in the local engine."""
+def build_engine(settings: ServerSettings, metrics: PolicyMetrics):  # type: ignore[no-untyped-def]
+    """Load the checkpoint (or seeded random weights) into the batching engine (or, with
+    the KV cache off, the one-episode-at-a-time recomputing engine)."""
     import torch
 
     from gr2_policy.checkpoints import bundled_demo_checkpoint
+    from gr2_policy.engine.batching import BatchingEngine, EngineConfig
     from gr2_policy.engine.local import LocalEngine
     from gr2_policy.model.checkpoint import init_random_policy, load_checkpoint
 
@@ -70,8 +72,23 @@ def build_engine(settings: ServerSettings):  # type: ignore[no-untyped-def]
 
     # The factory runs on the engine's worker thread: a model built on another thread slows
     # every step (~25 ms vs ~16 ms for gr2-tiny on 2 cores; see engine/local.py).
-    engine = LocalEngine(factory, device=device, kv_cache=settings.kv_cache)
-    return engine, source
+    if not settings.kv_cache:
+        return LocalEngine(factory, device=device, kv_cache=False, metrics=metrics), source
+    config = EngineConfig(
+        device=device,
+        runner=settings.runner,
+        precision=settings.precision,
+        kv_pool_bytes=settings.kv_pool_bytes,
+        kv_pool_gpu_fraction=settings.kv_pool_gpu_fraction,
+        kv_cache_dtype=settings.kv_cache_dtype,
+        max_batch_size=settings.max_batch_size,
+        max_batch_delay_ms=settings.max_batch_delay_ms,
+        video_tokens_per_unit=settings.video_tokens_per_unit,
+        engine_cache_dir=None
+        if settings.engine_cache_dir is None
+        else str(settings.engine_cache_dir),
+    )
+    return BatchingEngine(factory, config, metrics=metrics), source
 
 
 async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> None:
@@ -81,13 +98,13 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    engine, source = await asyncio.to_thread(build_engine, settings)
     metrics = PolicyMetrics()
+    engine, source = await asyncio.to_thread(build_engine, settings, metrics)
     store = make_store(
         settings.redis_url,
         replica=settings.replica,
         ttl_s=settings.episode_ttl_s,
-        history_cap=engine.info.history,
+        history_cap=engine.info.rebuild_steps,
     )
     service = EpisodeService(engine, store, metrics, replica=settings.replica)
     grpc_server = GrpcServer(service, settings.host, settings.grpc_port, settings.max_message_bytes)
@@ -117,6 +134,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
             model_version=engine.info.model_version,
             store="redis" if settings.redis_url else "memory",
             kv_cache=settings.kv_cache,
+            runner=settings.runner if settings.kv_cache else "recompute",
         )
         stop_task = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait({stop_task, http_task}, return_when=asyncio.FIRST_COMPLETED)

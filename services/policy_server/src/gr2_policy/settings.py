@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,6 +36,41 @@ class ServerSettings(BaseSettings):
         description="KV-cached incremental steps; off recomputes the last R steps each step "
         "(same results, for debugging and benchmarks)",
     )
+    runner: Literal["eager", "compile", "onnx", "tensorrt"] = Field(
+        "eager",
+        description="what runs the step: eager PyTorch, torch.compile (CUDA graphs on GPU), "
+        "ONNX Runtime, or a TensorRT engine (GPU)",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="compute precision; bf16/fp16 need a GPU"
+    )
+    kv_pool_bytes: int = Field(
+        0,
+        ge=0,
+        description="KV-cache pool budget in bytes; 0 = kv_pool_gpu_fraction of free GPU "
+        "memory on CUDA, 256 MiB on CPU",
+    )
+    kv_pool_gpu_fraction: float = Field(
+        0.5, gt=0, le=0.95, description="share of free GPU memory for the KV pool (when bytes=0)"
+    )
+    kv_cache_dtype: Literal["fp32", "bf16", "fp16", "fp8"] = Field(
+        "fp32", description="storage type of the KV pool (computation upcasts)"
+    )
+    max_batch_size: int = Field(32, ge=1, le=256, description="control steps per forward, at most")
+    max_batch_delay_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="how long a control step may wait for others to join its batch",
+    )
+    video_tokens_per_unit: int = Field(
+        16,
+        ge=1,
+        description="video tokens generated between two chances for control steps to run",
+    )
+    engine_cache_dir: Path | None = Field(
+        None, description="where ONNX exports and TensorRT engines are cached (~/.cache/gr2)"
+    )
     max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="gRPC message limit")
     replica: str = Field(default_factory=socket.gethostname, description="name of this replica")
     episode_ttl_s: float = Field(86400.0, gt=0, description="episode state TTL in the store")
@@ -46,7 +82,7 @@ class ServerSettings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("checkpoint", mode="before")
+    @field_validator("checkpoint", "engine_cache_dir", mode="before")
     @classmethod
     def _empty_path_is_none(cls, value: object) -> object:
         return None if value == "" else value

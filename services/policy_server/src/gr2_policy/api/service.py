@@ -18,7 +18,12 @@ import time
 from dataclasses import dataclass, field
 
 from gr2_policy.engine.interface import ActionChunk, Engine, EngineInfo, StepInput
-from gr2_policy.errors import EpisodeEndedError, SeqConflictError, StoreError
+from gr2_policy.errors import (
+    EpisodeEndedError,
+    EpisodeNotResidentError,
+    SeqConflictError,
+    StoreError,
+)
 from gr2_policy.logs import get_logger
 from gr2_policy.metrics import PolicyMetrics
 from gr2_policy.state import EpisodeOutcome, EpisodeRecord, EpisodeStatus, EpisodeStore
@@ -87,7 +92,10 @@ class EpisodeService:
             record = await self.store.get(episode_id)  # EpisodeNotFoundError if unknown
             if record.status == EpisodeStatus.ENDED:
                 raise EpisodeEndedError(f"episode {episode_id} has ended")
-            await self.engine.open_episode(episode_id, record.instruction)
+            if record.last_seq >= 0:  # started elsewhere: rebuild from its step records
+                await self._restore(episode_id, record.instruction)
+            else:
+                await self.engine.open_episode(episode_id, record.instruction)
             session = _Session(episode_id, record.instruction, last_seq=record.last_seq)
             self._sessions[episode_id] = session
             self.metrics.active_episodes.set(len(self._sessions))
@@ -105,9 +113,15 @@ class EpisodeService:
                 raise SeqConflictError(
                     f"episode {episode_id}: expected seq {session.last_seq + 1}, got {seq}"
                 )
-            chunk = await self.engine.step(episode_id, step)
             try:
-                await self.store.record_step(episode_id, seq, time.perf_counter() - t_start)
+                chunk = await self.engine.step(episode_id, step)
+            except EpisodeNotResidentError:  # evicted from the cache pool: rebuild, retry
+                await self._restore(episode_id, session.instruction)
+                chunk = await self.engine.step(episode_id, step)
+            try:
+                await self.store.record_step(
+                    episode_id, seq, time.perf_counter() - t_start, chunk.record or None
+                )
             except StoreError as err:
                 self.metrics.store_errors.labels("record_step").inc()
                 log.warning("store_record_step_failed", episode_id=episode_id, error=str(err))
@@ -117,10 +131,27 @@ class EpisodeService:
         latency = time.perf_counter() - t_start
         self.metrics.step_latency.observe(latency)
         self.metrics.queue_time.observe(chunk.queue_time_s)
-        self.metrics.batch_size.observe(1)
         if seq == 0:
             self.metrics.first_chunk_latency.observe(latency)
         return result
+
+    async def _restore(self, episode_id: str, instruction: str) -> None:
+        """Rebuild the engine's state of a live episode from the store's step records. With
+        the store unreachable the episode restarts from an empty history (fail open)."""
+        try:
+            records = await self.store.recent_inputs(episode_id)
+        except StoreError as err:
+            self.metrics.store_errors.labels("recent_inputs").inc()
+            log.warning("store_recent_inputs_failed", episode_id=episode_id, error=str(err))
+            records = []
+        try:
+            await self.engine.restore_episode(episode_id, instruction, records)
+        except StoreError as err:  # records the engine cannot read: start from none
+            self.metrics.store_errors.labels("step_records").inc()
+            log.warning("store_step_records_unreadable", episode_id=episode_id, error=str(err))
+            records = []
+            await self.engine.restore_episode(episode_id, instruction, records)
+        log.info("episode_rebuilt", episode_id=episode_id, steps=len(records))
 
     async def end_episode(
         self, episode_id: str, outcome: EpisodeOutcome, note: str

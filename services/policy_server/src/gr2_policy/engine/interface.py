@@ -6,6 +6,7 @@ and receives plain numpy arrays back (``ActionChunk``). It never imports torch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +33,7 @@ class EngineInfo:
     action_horizon: int  # k waypoints per chunk
     waypoint_dt_s: float  # seconds between waypoints
     history: int  # h steps attended to
+    rebuild_steps: int = 1  # step records that rebuild an episode's cache: R = L(h-1)+1
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class ActionChunk:
     time_offsets_s: shape (k,), seconds after the observation's capture time.
     positions: shape (k, 3), metres, base frame.  quats_wxyz: shape (k, 4), unit.
     grippers: shape (k,), 0 (open) .. 1 (closed).
-    queue_time_s / compute_time_s: time waiting for and running the model.
+    queue_time_s / compute_time_s: time waiting for and running the model (the batch's).
     """
 
     time_offsets_s: np.ndarray
@@ -66,6 +68,7 @@ class ActionChunk:
     grippers: np.ndarray
     queue_time_s: float
     compute_time_s: float
+    record: bytes = b""  # the step's compact inputs for the episode store (StepRecord)
 
 
 class Engine(Protocol):
@@ -83,10 +86,17 @@ class Engine(Protocol):
     async def open_episode(self, episode_id: str, instruction: str) -> None:
         """Prepare per-episode state (the instruction embedding is computed here, once)."""
 
+    async def restore_episode(
+        self, episode_id: str, instruction: str, records: Sequence[bytes]
+    ) -> None:
+        """Open the episode and rebuild its state from the step records of its last
+        ``info.rebuild_steps`` steps (``ActionChunk.record``, oldest first)."""
+
     async def step(self, episode_id: str, step: StepInput) -> ActionChunk:
         """Append one observation to the episode's history and return its action chunk.
 
-        Raises EpisodeNotFoundError when the episode was never opened (or was closed)."""
+        Raises EpisodeNotFoundError when the episode was never opened (or was closed);
+        EpisodeNotResidentError (a subclass) when its state was evicted: restore it."""
 
     async def close_episode(self, episode_id: str) -> None:
         """Free the episode's state; unknown ids are ignored."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,9 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gr2_policy.engine.interface import ActionChunk, EngineInfo, StepInput, ViewInfo
-from gr2_policy.errors import EpisodeNotFoundError, InvalidInputError, UnavailableError
-from gr2_policy.model.checkpoint import model_hash
+from gr2_policy.engine.interface import ActionChunk, EngineInfo, StepInput
+from gr2_policy.engine.model_info import engine_info
+from gr2_policy.engine.step_record import StepRecord
+from gr2_policy.engine.validation import check_step_input
+from gr2_policy.errors import EpisodeNotFoundError, UnavailableError
+from gr2_policy.metrics import PolicyMetrics
 from gr2_policy.model.kv_cache import RollingKVCache
 from gr2_policy.model.policy import ActionPrediction, GR2Policy
 
@@ -59,11 +62,13 @@ class LocalEngine:
         model_name: str = "gr2",
         device: str = "cpu",
         kv_cache: bool = True,
+        metrics: PolicyMetrics | None = None,
     ) -> None:
         """model: a GR2Policy, or a zero-argument factory (e.g. ``lambda: load_checkpoint(p)``)
         that is then called on the worker thread (see the module docstring for why);
         kv_cache: False recomputes the last R steps every step (same results, slower)."""
         self.kv_cache = kv_cache
+        self.metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gr2-model")
         self._device = torch.device(device)
         try:
@@ -72,17 +77,9 @@ class LocalEngine:
             self._executor.shutdown(wait=False)
             raise
         self._cfg = cfg = self._model.config
-        h, n_views = cfg.history, len(cfg.views)
+        n_views = len(cfg.views)
         self._window = cfg.receptive_field
-        self._info = EngineInfo(
-            model_name=model_name,
-            model_version=model_hash(self._model),
-            preset=cfg.preset,
-            views=tuple(ViewInfo(v, cfg.image_size, cfg.image_size) for v in cfg.views),
-            action_horizon=cfg.action_horizon,
-            waypoint_dt_s=cfg.waypoint_dt_s,
-            history=h,
-        )
+        self._info = engine_info(self._model, model_name)
         self._episodes: dict[str, _Episode] = {}
         self._stopped = False
         # No-cache ring read order (oldest first) for each next write position.
@@ -133,6 +130,16 @@ class LocalEngine:
         episode = await loop.run_in_executor(self._executor, self._new_episode, instruction)
         self._episodes[episode_id] = episode
 
+    async def restore_episode(
+        self, episode_id: str, instruction: str, records: Sequence[bytes]
+    ) -> None:
+        """Open the episode and replay its stored step records (oldest first)."""
+        parsed = [StepRecord.from_bytes(r) for r in records][-self._window :]
+        await self.open_episode(episode_id, instruction)
+        episode = self._episodes[episode_id]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._replay, episode, parsed)
+
     async def close_episode(self, episode_id: str) -> None:
         """Forget the episode; unknown ids are ignored."""
         self._episodes.pop(episode_id, None)
@@ -143,7 +150,7 @@ class LocalEngine:
         episode = self._episodes.get(episode_id)
         if episode is None:
             raise EpisodeNotFoundError(f"episode {episode_id!r} is not open")
-        self._check_input(step)
+        check_step_input(self._cfg.views, self._cfg.image_size, step)
         loop = asyncio.get_running_loop()
         submitted = time.perf_counter()
         return await loop.run_in_executor(self._executor, self._run_step, episode, step, submitted)
@@ -171,6 +178,23 @@ class LocalEngine:
                 ),
             )
 
+    def _replay(self, episode: _Episode, records: list[StepRecord]) -> None:
+        cfg = self._cfg
+        with torch.inference_mode():
+            for record in records:
+                tokens = torch.as_tensor(record.tokens, device=self._device)
+                tokens = tokens.view(1, len(cfg.views), cfg.tokens_per_view)
+                state = torch.as_tensor(record.state, device=self._device)[None]
+                episode.count = record.step
+                if episode.cache is not None:
+                    episode.cache.next_step.fill_(record.step)
+                    self._model.step(episode.cache, episode.lang, tokens, state, want_actions=False)
+                else:
+                    assert episode.tokens is not None and episode.states is not None
+                    episode.tokens[record.step % self._window] = tokens[0]
+                    episode.states[record.step % self._window] = state[0]
+                episode.count = record.step + 1
+
     def _run_step(self, episode: _Episode, step: StepInput, submitted: float) -> ActionChunk:
         started = time.perf_counter()
         cfg = self._cfg
@@ -187,10 +211,15 @@ class LocalEngine:
                 assert prediction is not None
             else:
                 prediction = self._recompute(episode, tokens[0], state[0])
+            record = StepRecord(
+                episode.count, tokens.reshape(-1).cpu().numpy(), self._state_np.copy()
+            ).to_bytes()
             episode.count += 1
             positions = prediction.positions[0].to("cpu", torch.float64).numpy()
             quats = prediction.quats_wxyz[0].to("cpu", torch.float64).numpy()
             grippers = prediction.grippers[0].to("cpu", torch.float64).numpy()
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(1)
         return ActionChunk(
             time_offsets_s=self._offsets_s.copy(),
             positions=positions,
@@ -198,6 +227,7 @@ class LocalEngine:
             grippers=grippers,
             queue_time_s=started - submitted,
             compute_time_s=time.perf_counter() - started,
+            record=record,
         )
 
     def _recompute(self, episode: _Episode, tokens: Tensor, state: Tensor) -> ActionPrediction:
@@ -222,29 +252,3 @@ class LocalEngine:
     def _check_running(self) -> None:
         if self._stopped:
             raise UnavailableError("the engine is stopped")
-
-    def _check_input(self, step: StepInput) -> None:
-        """Defensive re-check of what the API layer validates (shapes, dtypes, finiteness)."""
-        size = self._cfg.image_size
-        extra = sorted(set(step.images) - set(self._cfg.views))
-        if extra:
-            raise InvalidInputError(f"unknown view(s) {extra}; expected {list(self._cfg.views)}")
-        for view in self._cfg.views:
-            image = step.images.get(view)
-            if image is None:
-                raise InvalidInputError(f"missing image for view {view!r}")
-            if image.shape != (size, size, 3) or image.dtype != np.uint8:
-                raise InvalidInputError(
-                    f"image for view {view!r} has shape {image.shape} dtype {image.dtype}, "
-                    f"expected ({size}, {size}, 3) uint8"
-                )
-        for name, value, length in (
-            ("ee_position", step.ee_position, 3),
-            ("ee_quat_wxyz", step.ee_quat_wxyz, 4),
-        ):
-            if np.shape(value) != (length,) or not np.all(np.isfinite(value)):
-                raise InvalidInputError(f"{name} must be {length} finite numbers, got {value!r}")
-        if not np.linalg.norm(step.ee_quat_wxyz) > 1e-6:
-            raise InvalidInputError("ee_quat_wxyz must not be zero")
-        if not np.isfinite(step.gripper):
-            raise InvalidInputError(f"gripper must be finite, got {step.gripper!r}")
