@@ -15,6 +15,7 @@ from typing import Any
 
 import uvicorn
 
+from gr2_policy.allocator import tune_glibc_malloc
 from gr2_policy.api.grpc_server import GrpcServer
 from gr2_policy.api.rest import Readiness, create_app
 from gr2_policy.api.service import EpisodeService
@@ -47,6 +48,8 @@ def build_engine(settings: ServerSettings, metrics: PolicyMetrics):  # type: ign
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if settings.malloc_tuning and settings.device == "cpu":
+        log.info("malloc_tuning", applied=tune_glibc_malloc())
     checkpoint, device = settings.checkpoint, settings.device
     if checkpoint is None and not settings.random_weights:
         checkpoint = bundled_demo_checkpoint()

@@ -171,6 +171,11 @@ class BatchingEngine:
         ).result()
         self.table = SlotTable(slots)
         self.max_batch_size = min(config.max_batch_size, slots)
+        # What a batch's cache rows are gathered into: one buffer for the largest bucket,
+        # viewed as (L, n, H, S, Dh) for a batch of n (a prefix of it is contiguous).
+        self._gather_flat = self._executor.submit(
+            self.pool.gather_buffers, self.max_batch_size, self._compute_dtype
+        ).result()
         buckets = sorted(
             {b for b in DEFAULT_BUCKETS if b < self.max_batch_size} | {self.max_batch_size}
         )
@@ -502,7 +507,9 @@ class BatchingEngine:
             lang = torch.cat((lang, lang[:1].expand(pad, -1)))
             tokens = torch.cat((tokens, tokens[:1].expand(pad, -1)))
             states = torch.cat((states, states[:1].expand(pad, -1)))
-        past_k, past_v, key_step, key_pos = self.pool.gather(rows, self._compute_dtype)
+        past_k, past_v, key_step, key_pos = self.pool.gather(
+            rows, self._compute_dtype, self._gather_into(size)
+        )
         mask, rope = step_layout(self._cfg, steps, key_step, key_pos)
         out = self.runner.run(
             StepInputs(
@@ -518,6 +525,12 @@ class BatchingEngine:
         if write:
             self.pool.write(rows[:n], steps[:n], out.new_k[:, :n], out.new_v[:, :n])
         return out.raw[:n].float()
+
+    def _gather_into(self, size: int) -> tuple[Tensor, Tensor]:
+        k, v = self._gather_flat
+        shape = (k.shape[0], size, *k.shape[2:])
+        count = shape[0] * size * k[0, 0].numel()
+        return k.view(-1)[:count].view(shape), v.view(-1)[:count].view(shape)
 
     def _replay(self, slot: int, lang: Tensor, records: list[StepRecord]) -> None:
         with torch.inference_mode():

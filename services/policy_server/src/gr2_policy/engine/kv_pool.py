@@ -163,14 +163,39 @@ class KVCachePool:
         self.key_step[slot].fill_(EMPTY_STEP)
         self.key_pos[slot].zero_()
 
-    def gather(self, rows: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """past_k, past_v (L, B, H, S, Dh) in ``dtype``, key_step, key_pos (B, S) of rows (B,)."""
+    def gather(
+        self, rows: Tensor, dtype: torch.dtype, out: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """past_k, past_v (L, B, H, S, Dh) in ``dtype``, key_step, key_pos (B, S) of rows (B,).
+
+        out: preallocated (past_k, past_v) buffers of that shape and dtype to copy into. A
+        fresh tensor of tens of MB per step costs more in page faults than the copy itself
+        (measured: 15.7 ms against 1.1 ms for 32 gr2-tiny episodes on CPU).
+        """
+        if out is None:
+            past_k = self.k.index_select(1, rows).to(dtype)
+            past_v = self.v.index_select(1, rows).to(dtype)
+        elif self.dtype == dtype:
+            past_k = torch.index_select(self.k, 1, rows, out=out[0])
+            past_v = torch.index_select(self.v, 1, rows, out=out[1])
+        else:  # stored narrower (bf16/fp8): gather, then widen into the buffers
+            past_k = out[0].copy_(self.k.index_select(1, rows))
+            past_v = out[1].copy_(self.v.index_select(1, rows))
         return (
-            self.k.index_select(1, rows).to(dtype),
-            self.v.index_select(1, rows).to(dtype),
+            past_k,
+            past_v,
             self.key_step.index_select(0, rows),
             self.key_pos.index_select(0, rows),
         )
+
+    def gather_buffers(self, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Empty (past_k, past_v) buffers for ``gather(out=...)`` of ``batch`` rows."""
+        shape = (self.k.shape[0], batch, *self.k.shape[2:])
+        with torch.inference_mode():  # inference tensors, as everything a runner is given
+            return (
+                torch.empty(shape, device=self.k.device, dtype=dtype),
+                torch.empty(shape, device=self.k.device, dtype=dtype),
+            )
 
     def write(self, rows: Tensor, step: Tensor, new_k: Tensor, new_v: Tensor) -> None:
         """Store the P new keys/values (L, B, H, P, Dh) of ``step`` (B,) in rows (B,) at slot
