@@ -387,6 +387,11 @@ class BatchingEngine:
                     continue
                 try:
                     chunks = await loop.run_in_executor(self._executor, self._run_batch, requests)
+                except asyncio.CancelledError:  # stop(): nobody will set these futures
+                    for request in requests:
+                        if not request.future.done():
+                            request.future.set_exception(UnavailableError("the engine stopped"))
+                    raise
                 except Exception as err:  # one bad batch must not kill the loop
                     log.exception("batch_failed", size=len(requests))
                     for request in requests:
