@@ -14,7 +14,6 @@ import httpx
 import numpy as np
 import pytest
 from gr2.v1 import policy_pb2 as pb
-from gr2.v1 import policy_pb2_grpc as pb_grpc
 from gr2_client import PolicyClient, encode_image, make_observation
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image as PILImage
@@ -295,15 +294,6 @@ def test_idempotent_start(client: PolicyClient) -> None:
     b = client.start_episode("same", idempotency_key="robot-7-attempt-1")
     c = client.start_episode("same", idempotency_key="robot-7-attempt-2")
     assert a == b != c
-
-
-def test_predict_video_is_reported_unimplemented(server: PolicyServer) -> None:
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        stub = pb_grpc.PolicyServiceStub(channel)
-        expect_status(
-            lambda: list(stub.PredictVideo(pb.PredictVideoRequest(instruction="x"), timeout=5)),
-            grpc.StatusCode.UNIMPLEMENTED,
-        )
 
 
 def test_a_stream_survives_bad_input_on_other_streams(client: PolicyClient) -> None:

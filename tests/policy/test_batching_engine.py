@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 from gr2_policy.engine.batching import BatchingEngine, EngineConfig
-from gr2_policy.engine.interface import ActionChunk, StepInput
+from gr2_policy.engine.interface import (
+    MAX_VIDEO_FRAMES,
+    ActionChunk,
+    StepInput,
+    VideoRequest,
+    VideoSampling,
+    VideoState,
+)
 from gr2_policy.engine.kv_pool import bytes_per_episode
 from gr2_policy.engine.local import LocalEngine
 from gr2_policy.engine.step_record import StepRecord
@@ -54,6 +61,10 @@ async def started(
     engine = BatchingEngine(policy, EngineConfig(**knobs), metrics=metrics)
     await engine.start()
     return engine
+
+
+def video_state(step: StepInput) -> VideoState:
+    return VideoState(step.ee_position, step.ee_quat_wxyz, step.gripper)
 
 
 def max_diff(a: list[ActionChunk], b: list[ActionChunk]) -> float:
@@ -180,7 +191,9 @@ async def test_video_frames_match_the_model_and_yield_to_control_steps(
 
         await engine.open_episode("robot", "touch the red block")
         frames = []
-        video = engine.predict_video("open the drawer", observation, 2, GREEDY)
+        video = engine.predict_video(
+            VideoRequest("open the drawer", observation.images, video_state(observation), 2)
+        )
         frames.append(await anext(video))
         # The video is generating its second frame; a control step must run after at most
         # the one unit of video work in flight.
@@ -217,8 +230,16 @@ async def test_bad_input_is_refused_and_the_engine_keeps_serving(policy: GR2Poli
             await engine.restore_episode("r", "x", [first.record, first.record])
         with pytest.raises(StoreError, match="truncated"):
             await engine.restore_episode("r", "x", [b"GR2"])
-        with pytest.raises(InvalidInputError, match="num_frames"):
-            await anext(engine.predict_video("x", good[1], 0, GREEDY))
+        for frames, sampling, match in (
+            (0, VideoSampling(), "num_frames"),
+            (MAX_VIDEO_FRAMES + 1, VideoSampling(), "num_frames"),
+            (1, VideoSampling(greedy=False, temperature=0.0), "temperature"),
+            (1, VideoSampling(greedy=False, top_k=10**6), "top_k"),
+        ):
+            with pytest.raises(InvalidInputError, match=match):
+                await anext(
+                    engine.predict_video(VideoRequest("x", good[1].images, None, frames, sampling))
+                )
         assert StepRecord.from_bytes((await engine.step("e", good[1])).record).step == 1
     finally:
         await engine.stop()
@@ -229,3 +250,18 @@ async def test_bad_input_is_refused_and_the_engine_keeps_serving(policy: GR2Poli
 def test_a_budget_below_one_episode_is_refused(policy: GR2Policy) -> None:
     with pytest.raises(ResourceExhaustedError, match="GR2_KV_POOL_BYTES"):
         BatchingEngine(policy, EngineConfig(kv_pool_bytes=bytes_per_episode(policy.config)))
+
+
+async def test_the_one_at_a_time_engine_predicts_the_same_frames(
+    policy: GR2Policy, reference: LocalEngine
+) -> None:
+    observation = make_steps(1, seed=9)[0]
+    request = VideoRequest("stack the blocks", observation.images, None, 2)
+    engine = await started(policy)
+    try:
+        batched = [frame async for frame in engine.predict_video(request)]
+    finally:
+        await engine.stop()
+    local = [frame async for frame in reference.predict_video(request)]
+    assert len(local) == 2
+    np.testing.assert_array_equal(np.stack(local), np.stack(batched))

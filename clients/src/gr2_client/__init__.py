@@ -4,9 +4,11 @@ from gr2_client.aio import AsyncActionStream, AsyncPolicyClient
 from gr2_client.client import PolicyClient
 from gr2_client.convert import (
     Chunk,
+    PredictedFrame,
     ServerDescription,
     chunk_from_proto,
     encode_image,
+    frame_from_proto,
     make_observation,
     server_description,
 )
@@ -21,10 +23,12 @@ __all__ = [
     "ClientError",
     "IncompatibleServerError",
     "PolicyClient",
+    "PredictedFrame",
     "ServerDescription",
     "channel_options",
     "chunk_from_proto",
     "encode_image",
+    "frame_from_proto",
     "make_observation",
     "server_description",
 ]

@@ -5,10 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import grpc
+import numpy as np
 from gr2.v1 import policy_pb2 as pb
 from gr2.v1 import policy_pb2_grpc as pb_grpc
 
-from gr2_client.convert import ServerDescription, server_description
+from gr2_client.convert import (
+    PredictedFrame,
+    ServerDescription,
+    encode_image,
+    frame_from_proto,
+    server_description,
+)
 from gr2_client.options import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 
 
@@ -77,6 +84,28 @@ class PolicyClient:
     ) -> Iterator[pb.TrajectoryChunk]:
         """One chunk per observation, in order. The iterator is consumed by gRPC's thread."""
         return self._stub.StreamActions(iter(observations), metadata=self._metadata)
+
+    def predict_video(
+        self,
+        instruction: str,
+        images: dict[str, np.ndarray],
+        *,
+        num_frames: int = 1,
+        state: pb.RobotState | None = None,
+        sampling: pb.Sampling | None = None,
+        encoding: str = "raw",
+    ) -> Iterator[PredictedFrame]:
+        """The model's imagined next frames from one observation (images: view name ->
+        (H, W, 3) uint8, the served views), each as soon as the server decodes it."""
+        request = pb.PredictVideoRequest(
+            instruction=instruction,
+            images=[encode_image(name, rgb, encoding) for name, rgb in images.items()],
+            state=state,
+            num_frames=num_frames,
+            sampling=sampling,
+        )
+        for msg in self._stub.PredictVideo(request, metadata=self._metadata):
+            yield frame_from_proto(msg)
 
     def end_episode(
         self,

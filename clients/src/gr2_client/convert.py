@@ -79,6 +79,30 @@ class Chunk:
     server_time_s: float
 
 
+@dataclass(frozen=True)
+class PredictedFrame:
+    """One imagined frame: view name -> (H, W, 3) uint8 RGB, in the served views' order."""
+
+    frame_index: int
+    images: dict[str, np.ndarray]
+
+
+def decode_rgb(image: pb.Image) -> np.ndarray:
+    """An Image message (RAW_RGB8 or PNG/JPEG) as (H, W, 3) uint8."""
+    if image.encoding == pb.IMAGE_ENCODING_RAW_RGB8:
+        return np.frombuffer(image.data, dtype=np.uint8).reshape(image.height, image.width, 3)
+    from PIL import Image as PILImage  # optional dependency, only for compressed frames
+
+    with PILImage.open(io.BytesIO(image.data)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def frame_from_proto(msg: pb.PredictedFrame) -> PredictedFrame:
+    return PredictedFrame(
+        frame_index=msg.frame_index, images={img.view: decode_rgb(img) for img in msg.images}
+    )
+
+
 def chunk_from_proto(msg: pb.TrajectoryChunk) -> Chunk:
     k = len(msg.waypoints)
     offsets = np.empty(k)

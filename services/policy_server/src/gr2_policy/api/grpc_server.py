@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+import numpy as np
 from gr2.v1 import policy_pb2 as pb
 from gr2.v1 import policy_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,7 +28,9 @@ from gr2_policy.api.validation import (
     MAX_NOTE_BYTES,
     check_text,
     decode_observation,
+    decode_video_request,
 )
+from gr2_policy.engine.interface import ViewInfo
 from gr2_policy.errors import GR2Error, InvalidInputError
 from gr2_policy.logs import get_logger
 from gr2_policy.state import EpisodeOutcome
@@ -43,6 +46,17 @@ _OUTCOMES = {
     pb.EPISODE_OUTCOME_FAILURE: EpisodeOutcome.FAILURE,
     pb.EPISODE_OUTCOME_ABORTED: EpisodeOutcome.ABORTED,
 }
+
+
+def frame_image(view: ViewInfo, rgb: np.ndarray) -> pb.Image:
+    """A predicted (H, W, 3) uint8 frame of one view as a RAW_RGB8 Image."""
+    return pb.Image(
+        view=view.name,
+        encoding=pb.IMAGE_ENCODING_RAW_RGB8,
+        width=view.width,
+        height=view.height,
+        data=np.ascontiguousarray(rgb).tobytes(),
+    )
 
 
 def chunk_to_proto(result: StepResult, model_version: str) -> pb.TrajectoryChunk:
@@ -152,21 +166,40 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 yield await self._step(obs)
         except Exception as err:  # noqa: BLE001 - the one place errors become statuses
             failure = self._failure(method, err)
-        if failure is not None:
-            self._count(method, failure[0])
-            await context.abort(*failure)
-        self._count(method, grpc.StatusCode.OK)
+        await self._end_stream(method, context, failure)
         log.debug("stream_closed", seconds=round(time.perf_counter() - t0, 3))
 
     async def PredictVideo(
         self, request: pb.PredictVideoRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictedFrame]:
-        self._count("PredictVideo", grpc.StatusCode.UNIMPLEMENTED)
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "video prediction is not available in this server version",
-        )
-        yield pb.PredictedFrame()  # pragma: no cover - makes this an async generator
+        """Each predicted frame as soon as it is decoded, one RAW_RGB8 image per view."""
+        method = "PredictVideo"
+        views = self.service.info.views
+        failure: tuple[grpc.StatusCode, str] | None = None
+        try:
+            video = decode_video_request(request, views)
+            index = 0
+            async for frame in self.service.predict_video(video):
+                yield pb.PredictedFrame(
+                    frame_index=index,
+                    images=[frame_image(view, frame[i]) for i, view in enumerate(views)],
+                )
+                index += 1
+        except Exception as err:  # noqa: BLE001 - the one place errors become statuses
+            failure = self._failure(method, err)
+        await self._end_stream(method, context, failure)
+
+    async def _end_stream(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        failure: tuple[grpc.StatusCode, str] | None,
+    ) -> None:
+        """Count a finished streaming call; abort it with its status when it failed."""
+        if failure is not None:
+            self._count(method, failure[0])
+            await context.abort(*failure)
+        self._count(method, grpc.StatusCode.OK)
 
     async def EndEpisode(
         self, request: pb.EndEpisodeRequest, context: grpc.aio.ServicerContext

@@ -15,9 +15,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from gr2_policy.engine.interface import ActionChunk, Engine, EngineInfo, StepInput
+import numpy as np
+
+from gr2_policy.engine.interface import (
+    ActionChunk,
+    Engine,
+    EngineInfo,
+    StepInput,
+    VideoRequest,
+)
 from gr2_policy.errors import (
     EpisodeEndedError,
     EpisodeNotResidentError,
@@ -152,6 +161,10 @@ class EpisodeService:
             records = []
             await self.engine.restore_episode(episode_id, instruction, records)
         log.info("episode_rebuilt", episode_id=episode_id, steps=len(records))
+
+    def predict_video(self, request: VideoRequest) -> AsyncIterator[np.ndarray]:
+        """Predicted frames, uint8 (V, H, W, 3) each, as they are decoded (no episode)."""
+        return self.engine.predict_video(request)
 
     async def end_episode(
         self, episode_id: str, outcome: EpisodeOutcome, note: str

@@ -14,7 +14,13 @@ import numpy as np
 from gr2.v1 import policy_pb2 as pb
 from PIL import Image as PILImage
 
-from gr2_policy.engine.interface import StepInput, ViewInfo
+from gr2_policy.engine.interface import (
+    StepInput,
+    VideoRequest,
+    VideoSampling,
+    VideoState,
+    ViewInfo,
+)
 from gr2_policy.errors import InvalidInputError
 
 MAX_INSTRUCTION_BYTES = 512
@@ -107,9 +113,18 @@ def decode_observation(obs: pb.Observation, views: Sequence[ViewInfo]) -> StepIn
     """Validate an Observation against the served views; return the engine's StepInput."""
     if not math.isfinite(obs.capture_time_s):
         raise InvalidInputError("capture_time_s must be finite")
+    images = decode_images(obs.images, views)
+    if not obs.HasField("state"):
+        raise InvalidInputError("state is required")
+    position, quat, gripper = decode_state(obs.state)
+    return StepInput(images=images, ee_position=position, ee_quat_wxyz=quat, gripper=gripper)
+
+
+def decode_images(messages: Sequence[pb.Image], views: Sequence[ViewInfo]) -> dict[str, np.ndarray]:
+    """One image per served view, each decoded to (H, W, 3) uint8; none missing or extra."""
     by_name = {view.name: view for view in views}
     images: dict[str, np.ndarray] = {}
-    for image in obs.images:
+    for image in messages:
         view = by_name.get(image.view)
         if view is None:
             raise InvalidInputError(
@@ -121,7 +136,37 @@ def decode_observation(obs: pb.Observation, views: Sequence[ViewInfo]) -> StepIn
     missing = [name for name in by_name if name not in images]
     if missing:
         raise InvalidInputError(f"missing image(s) for view(s) {missing}")
-    if not obs.HasField("state"):
-        raise InvalidInputError("state is required")
-    position, quat, gripper = decode_state(obs.state)
-    return StepInput(images=images, ee_position=position, ee_quat_wxyz=quat, gripper=gripper)
+    return images
+
+
+def decode_video_request(
+    request: pb.PredictVideoRequest, views: Sequence[ViewInfo]
+) -> VideoRequest:
+    """Validate a PredictVideoRequest (the engine checks frame count and sampling ranges)."""
+    instruction = check_text(
+        "instruction", request.instruction, MAX_INSTRUCTION_BYTES, required=True
+    )
+    images = decode_images(request.images, views)
+    state = None
+    if request.HasField("state"):
+        position, quat, gripper = decode_state(request.state)
+        state = VideoState(position, quat, gripper)
+    return VideoRequest(
+        instruction, images, state, request.num_frames, decode_sampling(request.sampling)
+    )
+
+
+def decode_sampling(sampling: pb.Sampling) -> VideoSampling:
+    """UNSPECIFIED or GREEDY: argmax. TOP_K: top_k (0 = all) at temperature (0 = 1.0)."""
+    if sampling.mode not in (
+        pb.SAMPLING_MODE_UNSPECIFIED,
+        pb.SAMPLING_MODE_GREEDY,
+        pb.SAMPLING_MODE_TOP_K,
+    ):
+        raise InvalidInputError(f"unknown sampling mode {sampling.mode}; use GREEDY or TOP_K")
+    if sampling.mode != pb.SAMPLING_MODE_TOP_K:
+        return VideoSampling()
+    temperature = sampling.temperature or 1.0
+    return VideoSampling(
+        greedy=False, top_k=sampling.top_k, temperature=temperature, seed=sampling.seed
+    )

@@ -35,7 +35,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gr2_policy.engine.interface import ActionChunk, EngineInfo, StepInput
+from gr2_policy.engine.interface import (
+    ActionChunk,
+    EngineInfo,
+    StepInput,
+    VideoRequest,
+)
 from gr2_policy.engine.kv_pool import (
     CACHE_DTYPES,
     KVCachePool,
@@ -54,7 +59,8 @@ from gr2_policy.engine.runners.base import (
 )
 from gr2_policy.engine.scheduler import BatchScheduler, ControlRequest, VideoJob
 from gr2_policy.engine.step_record import StepRecord
-from gr2_policy.engine.validation import check_step_input
+from gr2_policy.engine.validation import check_step_input, check_video_request
+from gr2_policy.engine.video import start_video
 from gr2_policy.errors import (
     EpisodeNotResidentError,
     InvalidInputError,
@@ -64,7 +70,6 @@ from gr2_policy.errors import (
 from gr2_policy.logs import get_logger
 from gr2_policy.metrics import PolicyMetrics
 from gr2_policy.model.policy import GR2Policy
-from gr2_policy.model.sampling import Sampling
 from gr2_policy.model.step_function import StepFunction, step_layout
 
 log = get_logger("gr2_policy.engine")
@@ -116,9 +121,10 @@ class _Pending:
 class _VideoState:
     """A video job: the token generator and where its frames go."""
 
-    frames: Iterator[Tensor | None] | None  # GR2Policy.iter_video
+    frames: Iterator[Tensor | None] | None  # GR2Policy.iter_video, after the prefill
     out: asyncio.Queue[object]
     loop: asyncio.AbstractEventLoop
+    request: VideoRequest
     tokens: int = 0
     done: bool = False
 
@@ -336,34 +342,33 @@ class BatchingEngine:
 
     # -- video ---------------------------------------------------------------------------
 
-    async def predict_video(
-        self, instruction: str, step: StepInput, num_frames: int, sampling: Sampling
-    ) -> AsyncIterator[np.ndarray]:
+    async def predict_video(self, request: VideoRequest) -> AsyncIterator[np.ndarray]:
         """Imagine ``num_frames`` next frames from one observation; yields each frame as
         uint8 (V, H, W, 3) as soon as it is decoded. Runs at lower priority than control
-        steps, a few tokens (``video_tokens_per_unit``) at a time."""
+        steps: the prefill, then ``video_tokens_per_unit`` tokens at a time."""
         self._check_running()
-        check_step_input(self._cfg.views, self._cfg.image_size, step)
-        if num_frames < 1:
-            raise InvalidInputError(f"num_frames must be >= 1, got {num_frames}")
+        check_video_request(self._cfg, request)
         loop = asyncio.get_running_loop()
-        state = _VideoState(frames=None, out=asyncio.Queue(), loop=loop)
-        await loop.run_in_executor(
-            self._executor, self._start_video, state, instruction, step, num_frames, sampling
+        video = _VideoState(
+            frames=None,
+            out=asyncio.Queue(),
+            loop=loop,
+            request=request,
         )
-        job = VideoJob(next(self._video_ids), state)
+        job = VideoJob(next(self._video_ids), video)
         self.scheduler.add_video(job)
         self._wake.set()
         try:
             while True:
-                item = await state.out.get()
+                item = await video.out.get()
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                assert isinstance(item, np.ndarray)
                 yield item
         finally:
-            state.done = True
+            video.done = True
             self.scheduler.remove_video(job.job_id)
 
     # -- the loop ------------------------------------------------------------------------
@@ -546,32 +551,6 @@ class BatchingEngine:
                 step = torch.tensor([record.step], device=self._device)
                 self._execute(rows, step, lang[None], tokens, state, write=True)
 
-    def _start_video(
-        self,
-        state: _VideoState,
-        instruction: str,
-        step: StepInput,
-        num_frames: int,
-        sampling: Sampling,
-    ) -> None:
-        cfg = self._cfg
-        with torch.inference_mode():
-            images = np.stack([step.images[view] for view in cfg.views])[None]
-            tokens = self._model.tokenize_images(torch.from_numpy(images).to(self._device))
-            raw_state = np.concatenate(
-                (step.ee_position, step.ee_quat_wxyz, [step.gripper])
-            ).astype(np.float32)
-            lang = self._model.encode_instruction([instruction])
-            cache = self._model.new_cache(1)
-            self._model.step(
-                cache,
-                lang,
-                tokens,
-                torch.from_numpy(raw_state)[None].to(self._device),
-                want_actions=False,
-            )
-            state.frames = self._model.iter_video(cache, lang, num_frames, sampling)
-
     def _run_video_unit(self, state: _VideoState) -> None:
         """Up to ``video_tokens_per_unit`` tokens; frames are decoded and handed over."""
         if state.done:
@@ -579,6 +558,9 @@ class BatchingEngine:
         loop = state.loop
         try:
             with torch.inference_mode():
+                if state.frames is None:  # the first unit: tokenize and prefill
+                    state.frames = start_video(self._model, self._cfg.views, state.request)
+                    return
                 for _ in range(self.config.video_tokens_per_unit):
                     ids = next(state.frames)
                     state.tokens += 1

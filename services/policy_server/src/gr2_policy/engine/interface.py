@@ -6,7 +6,7 @@ and receives plain numpy arrays back (``ActionChunk``). It never imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -71,6 +71,42 @@ class ActionChunk:
     record: bytes = b""  # the step's compact inputs for the episode store (StepRecord)
 
 
+MAX_VIDEO_FRAMES = 16
+"""The most frames one video prediction may ask for."""
+
+
+@dataclass(frozen=True)
+class VideoSampling:
+    """How video tokens are chosen: greedy (deterministic), or top-k (0 = all) from the
+    logits divided by ``temperature``, with a generator seeded by ``seed``."""
+
+    greedy: bool = True
+    top_k: int = 0
+    temperature: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class VideoState:
+    """The robot state a video prediction starts from (shapes as in ``StepInput``)."""
+
+    ee_position: np.ndarray
+    ee_quat_wxyz: np.ndarray
+    gripper: float
+
+
+@dataclass(frozen=True)
+class VideoRequest:
+    """Imagine the next ``num_frames`` frames from one observation. images: view name ->
+    (H, W, 3) uint8; state None: the model's "no state" token."""
+
+    instruction: str
+    images: dict[str, np.ndarray]
+    state: VideoState | None
+    num_frames: int
+    sampling: VideoSampling = VideoSampling()
+
+
 class Engine(Protocol):
     """Runs the policy for many episodes. Implementations must be safe to call from one
     asyncio event loop; model work runs off the loop."""
@@ -100,6 +136,11 @@ class Engine(Protocol):
 
     async def close_episode(self, episode_id: str) -> None:
         """Free the episode's state; unknown ids are ignored."""
+
+    def predict_video(self, request: VideoRequest) -> AsyncIterator[np.ndarray]:
+        """The predicted frames, each uint8 (V, H, W, 3) with views in ``info.views``
+        order, as soon as it is decoded. Lower priority than control steps."""
+        ...
 
     @property
     def active_episodes(self) -> int: ...

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,10 +28,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gr2_policy.engine.interface import ActionChunk, EngineInfo, StepInput
+from gr2_policy.engine.interface import (
+    ActionChunk,
+    EngineInfo,
+    StepInput,
+    VideoRequest,
+)
 from gr2_policy.engine.model_info import engine_info
 from gr2_policy.engine.step_record import StepRecord
-from gr2_policy.engine.validation import check_step_input
+from gr2_policy.engine.validation import check_step_input, check_video_request
+from gr2_policy.engine.video import start_video
 from gr2_policy.errors import EpisodeNotFoundError, UnavailableError
 from gr2_policy.metrics import PolicyMetrics
 from gr2_policy.model.kv_cache import RollingKVCache
@@ -139,6 +145,28 @@ class LocalEngine:
         episode = self._episodes[episode_id]
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._replay, episode, parsed)
+
+    async def predict_video(self, request: VideoRequest) -> AsyncIterator[np.ndarray]:
+        """Imagine the next frames (see ``Engine.predict_video``); one frame per job on the
+        model thread (this engine has no scheduler to interleave it with steps)."""
+        self._check_running()
+        check_video_request(self._cfg, request)
+        loop = asyncio.get_running_loop()
+
+        def start() -> Iterator[Tensor | None]:
+            with torch.inference_mode():
+                return start_video(self._model, self._cfg.views, request)
+
+        def next_frame(tokens: Iterator[Tensor | None]) -> np.ndarray:
+            with torch.inference_mode():
+                for ids in tokens:
+                    if ids is not None:
+                        return self._model.decode_frames(ids)[0].cpu().numpy()
+            raise RuntimeError("video generation ended early")
+
+        tokens = await loop.run_in_executor(self._executor, start)
+        for _ in range(request.num_frames):
+            yield await loop.run_in_executor(self._executor, next_frame, tokens)
 
     async def close_episode(self, episode_id: str) -> None:
         """Forget the episode; unknown ids are ignored."""

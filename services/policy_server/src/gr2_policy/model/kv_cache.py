@@ -126,7 +126,12 @@ class RollingKVCache:
 
     def restore(self, snap: CacheSnapshot) -> None:
         """Put back what ``snapshot`` saved (and the step counter): the cache is then
-        bit-identical to the moment of the snapshot, apart from the [ACT] scratch slot."""
+        bit-identical to the moment of the snapshot, apart from the [ACT] scratch slot.
+        Works in any grad mode (a generator closed by the garbage collector runs this)."""
+        with torch.inference_mode(self.k.is_inference()):
+            self._restore(snap)
+
+    def _restore(self, snap: CacheSnapshot) -> None:
         for item, slots in enumerate(snap.slots):
             keys = self._slot_keys(slots)
             self.k[:, item].index_copy_(2, keys, snap.k[item])
