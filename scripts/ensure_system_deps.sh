@@ -3,6 +3,7 @@
 #   python3-venv  (Debian/Ubuntu split venv out of python3)
 #   redis-server  (the episode store; the tests start their own instances)
 #   libegl1 + Mesa drivers (headless MuJoCo rendering with MUJOCO_GL=egl)
+#   chromium + chromium-driver, with WITH_BROWSER=1 (the web page's browser test; make test)
 # Uses sudo when not root. Prints what it does; does nothing when all is present.
 set -euo pipefail
 
@@ -13,6 +14,10 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 ldconfig -p 2>/dev/null | grep -q 'libEGL.so.1' || missing+=(libegl1)
 ldconfig -p 2>/dev/null | grep -q 'libGL.so.1' || missing+=(libgl1)
 [ -e /usr/share/glvnd/egl_vendor.d/50_mesa.json ] || missing+=(libegl-mesa0 libgl1-mesa-dri)
+if [ "${WITH_BROWSER:-0}" = 1 ]; then
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+fi
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
