@@ -12,7 +12,7 @@ import pytest
 import torch
 from gr2.v1 import policy_pb2 as pb
 from gr2.v1 import policy_pb2_grpc as pb_grpc
-from gr2_client import PolicyClient, encode_image
+from gr2_client import PolicyClient, chunk_from_proto, encode_image, make_observation
 from gr2_policy.model import GREEDY, init_random_policy, model_hash
 
 from tests.support.servers import PolicyServer, run_policy_server
@@ -116,3 +116,34 @@ def test_bad_requests_are_invalid_argument_and_the_server_keeps_serving(
         )
     assert match in details
     assert len(list(client.predict_video("still serving", camera_images(client)))) == 1
+
+
+def test_an_observation_can_ask_for_the_next_frame(client: PolicyClient) -> None:
+    """With predict_video the chunk carries one predicted image per view; the episode's
+    chunks are the same as without it (the prediction leaves the episode alone)."""
+    views = client.server_info().views
+    chunks: dict[bool, list] = {}
+    for predict in (True, False):
+        episode = client.start_episode("touch the red block")
+        chunks[predict] = []
+        for seq in range(3):
+            obs = make_observation(
+                episode,
+                seq,
+                camera_images(client, seed=seq),
+                HOME_POS,
+                DOWN_QUAT,
+                0.0,
+                capture_time_s=0.1 * seq,
+                predict_video=predict,
+            )
+            chunks[predict].append(chunk_from_proto(client.act(obs)))
+    for chunk in chunks[True]:
+        assert list(chunk.predicted_images) == [name for name, _, _ in views]
+        assert all(
+            img.shape == (h, w, 3)
+            for (_, w, h), img in zip(views, chunk.predicted_images.values(), strict=True)
+        )
+    assert all(not c.predicted_images for c in chunks[False])
+    for a, b in zip(chunks[True], chunks[False], strict=True):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-6)

@@ -265,3 +265,31 @@ async def test_the_one_at_a_time_engine_predicts_the_same_frames(
     local = [frame async for frame in reference.predict_video(request)]
     assert len(local) == 2
     np.testing.assert_array_equal(np.stack(local), np.stack(batched))
+
+
+async def test_next_frame_of_an_episode_matches_both_reference_engines(
+    policy: GR2Policy, reference: LocalEngine
+) -> None:
+    """The pool engine's next-frame prediction equals the in-place cache's and the R-step
+    recompute's, and leaves the episode as it was (its next chunks are unchanged)."""
+    steps = make_steps(policy.config.history + 3, seed=11)
+    engine = await started(policy)
+    recompute = LocalEngine(policy, kv_cache=False)
+    await recompute.start()
+    try:
+        got, expected, frames = [], [], {}
+        for name, eng in (("pool", engine), ("cache", reference), ("recompute", recompute)):
+            await eng.open_episode("e", "touch the green block")
+            with pytest.raises(InvalidInputError, match="one step first"):
+                await eng.predict_next_frame("e")
+            chunks = [await eng.step("e", s) for s in steps[:-1]]
+            frames[name] = await eng.predict_next_frame("e")
+            chunks.append(await eng.step("e", steps[-1]))
+            (got if name == "pool" else expected).append(chunks)
+        assert frames["pool"].shape == (2, 64, 64, 3) and frames["pool"].dtype == np.uint8
+        np.testing.assert_array_equal(frames["pool"], frames["cache"])
+        np.testing.assert_array_equal(frames["pool"], frames["recompute"])
+        assert max_diff(got[0], expected[0]) < TOL
+    finally:
+        await engine.stop()
+        await recompute.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from gr2.v1 import policy_pb2 as pb
@@ -77,6 +77,7 @@ class Chunk:
     queue_time_s: float
     compute_time_s: float
     server_time_s: float
+    predicted_images: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ def chunk_from_proto(msg: pb.TrajectoryChunk) -> Chunk:
         queue_time_s=msg.queue_time_s,
         compute_time_s=msg.compute_time_s,
         server_time_s=msg.server_time_s,
+        predicted_images={img.view: decode_rgb(img) for img in msg.predicted_images},
     )
 
 
@@ -170,8 +172,10 @@ def make_observation(
     capture_time_s: float,
     joint_positions: np.ndarray | None = None,
     encoding: str = "raw",
+    predict_video: bool = False,
 ) -> pb.Observation:
-    """Build an Observation from camera images (name -> (H, W, 3) uint8) and arm state."""
+    """Build an Observation from camera images (name -> (H, W, 3) uint8) and arm state.
+    ``predict_video`` asks for the model's next frame of each view with the chunk."""
     state = pb.RobotState(
         ee_position=np.asarray(ee_position, dtype=np.float64).ravel(),
         ee_quat_wxyz=np.asarray(ee_quat_wxyz, dtype=np.float64).ravel(),
@@ -185,4 +189,5 @@ def make_observation(
         capture_time_s=capture_time_s,
         images=[encode_image(name, img, encoding) for name, img in images.items()],
         state=state,
+        predict_video=predict_video,
     )

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13gr2/v1/policy.proto\x12\x06gr2.v1\"\x16\n\x14GetServerInfoRequest\"7\n\x08ViewSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"\xdd\x01\n\nServerInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06preset\x18\x03 \x01(\t\x12\x1f\n\x05views\x18\x04 \x03(\x0b\x32\x10.gr2.v1.ViewSpec\x12\x16\n\x0e\x61\x63tion_horizon\x18\x05 \x01(\r\x12\x15\n\rwaypoint_dt_s\x18\x06 \x01(\x01\x12\x0f\n\x07history\x18\x07 \x01(\r\x12\x18\n\x10protocol_version\x18\x08 \x01(\t\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\"U\n\x13StartEpisodeRequest\x12\x13\n\x0binstruction\x18\x01 \x01(\t\x12\x10\n\x08robot_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"*\n\x14StartEpisodeResponse\x12\x12\n\nepisode_id\x18\x01 \x01(\t\"k\n\x05Image\x12\x0c\n\x04view\x18\x01 \x01(\t\x12\'\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x15.gr2.v1.ImageEncoding\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"a\n\nRobotState\x12\x13\n\x0b\x65\x65_position\x18\x01 \x03(\x01\x12\x14\n\x0c\x65\x65_quat_wxyz\x18\x02 \x03(\x01\x12\x0f\n\x07gripper\x18\x03 \x01(\x01\x12\x17\n\x0fjoint_positions\x18\x04 \x03(\x01\"\x9f\x01\n\x0bObservation\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x16\n\x0e\x63\x61pture_time_s\x18\x03 \x01(\x01\x12\x1d\n\x06images\x18\x04 \x03(\x0b\x32\r.gr2.v1.Image\x12!\n\x05state\x18\x05 \x01(\x0b\x32\x12.gr2.v1.RobotState\x12\x15\n\rpredict_video\x18\x06 \x01(\x08\"W\n\x08Waypoint\x12\x15\n\rtime_offset_s\x18\x01 \x01(\x01\x12\x10\n\x08position\x18\x02 \x03(\x01\x12\x11\n\tquat_wxyz\x18\x03 \x03(\x01\x12\x0f\n\x07gripper\x18\x04 \x01(\x01\"\xb3\x01\n\x0fTrajectoryChunk\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12#\n\twaypoints\x18\x03 \x03(\x0b\x32\x10.gr2.v1.Waypoint\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x14\n\x0cqueue_time_s\x18\x05 \x01(\x01\x12\x16\n\x0e\x63ompute_time_s\x18\x06 \x01(\x01\x12\x15\n\rserver_time_s\x18\x07 \x01(\x01\"`\n\x08Sampling\x12\"\n\x04mode\x18\x01 \x01(\x0e\x32\x14.gr2.v1.SamplingMode\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\xa4\x01\n\x13PredictVideoRequest\x12\x13\n\x0binstruction\x18\x01 \x01(\t\x12\x1d\n\x06images\x18\x02 \x03(\x0b\x32\r.gr2.v1.Image\x12!\n\x05state\x18\x03 \x01(\x0b\x32\x12.gr2.v1.RobotState\x12\x12\n\nnum_frames\x18\x04 \x01(\r\x12\"\n\x08sampling\x18\x05 \x01(\x0b\x32\x10.gr2.v1.Sampling\"D\n\x0ePredictedFrame\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\r\x12\x1d\n\x06images\x18\x02 \x03(\x0b\x32\r.gr2.v1.Image\"^\n\x11\x45ndEpisodeRequest\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0e\x32\x16.gr2.v1.EpisodeOutcome\x12\x0c\n\x04note\x18\x03 \x01(\t\"7\n\x12\x45ndEpisodeResponse\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x04*}\n\rImageEncoding\x12\x1e\n\x1aIMAGE_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17IMAGE_ENCODING_RAW_RGB8\x10\x01\x12\x17\n\x13IMAGE_ENCODING_JPEG\x10\x02\x12\x16\n\x12IMAGE_ENCODING_PNG\x10\x03*`\n\x0cSamplingMode\x12\x1d\n\x19SAMPLING_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14SAMPLING_MODE_GREEDY\x10\x01\x12\x17\n\x13SAMPLING_MODE_TOP_K\x10\x02*\x88\x01\n\x0e\x45pisodeOutcome\x12\x1f\n\x1b\x45PISODE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45PISODE_OUTCOME_SUCCESS\x10\x01\x12\x1b\n\x17\x45PISODE_OUTCOME_FAILURE\x10\x02\x12\x1b\n\x17\x45PISODE_OUTCOME_ABORTED\x10\x03\x32\xa1\x03\n\rPolicyService\x12\x41\n\rGetServerInfo\x12\x1c.gr2.v1.GetServerInfoRequest\x1a\x12.gr2.v1.ServerInfo\x12I\n\x0cStartEpisode\x12\x1b.gr2.v1.StartEpisodeRequest\x1a\x1c.gr2.v1.StartEpisodeResponse\x12\x41\n\rStreamActions\x12\x13.gr2.v1.Observation\x1a\x17.gr2.v1.TrajectoryChunk(\x01\x30\x01\x12\x33\n\x03\x41\x63t\x12\x13.gr2.v1.Observation\x1a\x17.gr2.v1.TrajectoryChunk\x12\x45\n\x0cPredictVideo\x12\x1b.gr2.v1.PredictVideoRequest\x1a\x16.gr2.v1.PredictedFrame0\x01\x12\x43\n\nEndEpisode\x12\x19.gr2.v1.EndEpisodeRequest\x1a\x1a.gr2.v1.EndEpisodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13gr2/v1/policy.proto\x12\x06gr2.v1\"\x16\n\x14GetServerInfoRequest\"7\n\x08ViewSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"\xdd\x01\n\nServerInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06preset\x18\x03 \x01(\t\x12\x1f\n\x05views\x18\x04 \x03(\x0b\x32\x10.gr2.v1.ViewSpec\x12\x16\n\x0e\x61\x63tion_horizon\x18\x05 \x01(\r\x12\x15\n\rwaypoint_dt_s\x18\x06 \x01(\x01\x12\x0f\n\x07history\x18\x07 \x01(\r\x12\x18\n\x10protocol_version\x18\x08 \x01(\t\x12\x19\n\x11max_message_bytes\x18\t \x01(\x04\"U\n\x13StartEpisodeRequest\x12\x13\n\x0binstruction\x18\x01 \x01(\t\x12\x10\n\x08robot_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"*\n\x14StartEpisodeResponse\x12\x12\n\nepisode_id\x18\x01 \x01(\t\"k\n\x05Image\x12\x0c\n\x04view\x18\x01 \x01(\t\x12\'\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x15.gr2.v1.ImageEncoding\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"a\n\nRobotState\x12\x13\n\x0b\x65\x65_position\x18\x01 \x03(\x01\x12\x14\n\x0c\x65\x65_quat_wxyz\x18\x02 \x03(\x01\x12\x0f\n\x07gripper\x18\x03 \x01(\x01\x12\x17\n\x0fjoint_positions\x18\x04 \x03(\x01\"\x9f\x01\n\x0bObservation\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x16\n\x0e\x63\x61pture_time_s\x18\x03 \x01(\x01\x12\x1d\n\x06images\x18\x04 \x03(\x0b\x32\r.gr2.v1.Image\x12!\n\x05state\x18\x05 \x01(\x0b\x32\x12.gr2.v1.RobotState\x12\x15\n\rpredict_video\x18\x06 \x01(\x08\"W\n\x08Waypoint\x12\x15\n\rtime_offset_s\x18\x01 \x01(\x01\x12\x10\n\x08position\x18\x02 \x03(\x01\x12\x11\n\tquat_wxyz\x18\x03 \x03(\x01\x12\x0f\n\x07gripper\x18\x04 \x01(\x01\"\xdc\x01\n\x0fTrajectoryChunk\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12#\n\twaypoints\x18\x03 \x03(\x0b\x32\x10.gr2.v1.Waypoint\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x14\n\x0cqueue_time_s\x18\x05 \x01(\x01\x12\x16\n\x0e\x63ompute_time_s\x18\x06 \x01(\x01\x12\x15\n\rserver_time_s\x18\x07 \x01(\x01\x12\'\n\x10predicted_images\x18\x08 \x03(\x0b\x32\r.gr2.v1.Image\"`\n\x08Sampling\x12\"\n\x04mode\x18\x01 \x01(\x0e\x32\x14.gr2.v1.SamplingMode\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"\xa4\x01\n\x13PredictVideoRequest\x12\x13\n\x0binstruction\x18\x01 \x01(\t\x12\x1d\n\x06images\x18\x02 \x03(\x0b\x32\r.gr2.v1.Image\x12!\n\x05state\x18\x03 \x01(\x0b\x32\x12.gr2.v1.RobotState\x12\x12\n\nnum_frames\x18\x04 \x01(\r\x12\"\n\x08sampling\x18\x05 \x01(\x0b\x32\x10.gr2.v1.Sampling\"D\n\x0ePredictedFrame\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\r\x12\x1d\n\x06images\x18\x02 \x03(\x0b\x32\r.gr2.v1.Image\"^\n\x11\x45ndEpisodeRequest\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0e\x32\x16.gr2.v1.EpisodeOutcome\x12\x0c\n\x04note\x18\x03 \x01(\t\"7\n\x12\x45ndEpisodeResponse\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x04*}\n\rImageEncoding\x12\x1e\n\x1aIMAGE_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17IMAGE_ENCODING_RAW_RGB8\x10\x01\x12\x17\n\x13IMAGE_ENCODING_JPEG\x10\x02\x12\x16\n\x12IMAGE_ENCODING_PNG\x10\x03*`\n\x0cSamplingMode\x12\x1d\n\x19SAMPLING_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14SAMPLING_MODE_GREEDY\x10\x01\x12\x17\n\x13SAMPLING_MODE_TOP_K\x10\x02*\x88\x01\n\x0e\x45pisodeOutcome\x12\x1f\n\x1b\x45PISODE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45PISODE_OUTCOME_SUCCESS\x10\x01\x12\x1b\n\x17\x45PISODE_OUTCOME_FAILURE\x10\x02\x12\x1b\n\x17\x45PISODE_OUTCOME_ABORTED\x10\x03\x32\xa1\x03\n\rPolicyService\x12\x41\n\rGetServerInfo\x12\x1c.gr2.v1.GetServerInfoRequest\x1a\x12.gr2.v1.ServerInfo\x12I\n\x0cStartEpisode\x12\x1b.gr2.v1.StartEpisodeRequest\x1a\x1c.gr2.v1.StartEpisodeResponse\x12\x41\n\rStreamActions\x12\x13.gr2.v1.Observation\x1a\x17.gr2.v1.TrajectoryChunk(\x01\x30\x01\x12\x33\n\x03\x41\x63t\x12\x13.gr2.v1.Observation\x1a\x17.gr2.v1.TrajectoryChunk\x12\x45\n\x0cPredictVideo\x12\x1b.gr2.v1.PredictVideoRequest\x1a\x16.gr2.v1.PredictedFrame0\x01\x12\x43\n\nEndEpisode\x12\x19.gr2.v1.EndEpisodeRequest\x1a\x1a.gr2.v1.EndEpisodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gr2.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMAGEENCODING']._serialized_start=1596
-  _globals['_IMAGEENCODING']._serialized_end=1721
-  _globals['_SAMPLINGMODE']._serialized_start=1723
-  _globals['_SAMPLINGMODE']._serialized_end=1819
-  _globals['_EPISODEOUTCOME']._serialized_start=1822
-  _globals['_EPISODEOUTCOME']._serialized_end=1958
+  _globals['_IMAGEENCODING']._serialized_start=1637
+  _globals['_IMAGEENCODING']._serialized_end=1762
+  _globals['_SAMPLINGMODE']._serialized_start=1764
+  _globals['_SAMPLINGMODE']._serialized_end=1860
+  _globals['_EPISODEOUTCOME']._serialized_start=1863
+  _globals['_EPISODEOUTCOME']._serialized_end=1999
   _globals['_GETSERVERINFOREQUEST']._serialized_start=31
   _globals['_GETSERVERINFOREQUEST']._serialized_end=53
   _globals['_VIEWSPEC']._serialized_start=55
@@ -56,17 +56,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WAYPOINT']._serialized_start=837
   _globals['_WAYPOINT']._serialized_end=924
   _globals['_TRAJECTORYCHUNK']._serialized_start=927
-  _globals['_TRAJECTORYCHUNK']._serialized_end=1106
-  _globals['_SAMPLING']._serialized_start=1108
-  _globals['_SAMPLING']._serialized_end=1204
-  _globals['_PREDICTVIDEOREQUEST']._serialized_start=1207
-  _globals['_PREDICTVIDEOREQUEST']._serialized_end=1371
-  _globals['_PREDICTEDFRAME']._serialized_start=1373
-  _globals['_PREDICTEDFRAME']._serialized_end=1441
-  _globals['_ENDEPISODEREQUEST']._serialized_start=1443
-  _globals['_ENDEPISODEREQUEST']._serialized_end=1537
-  _globals['_ENDEPISODERESPONSE']._serialized_start=1539
-  _globals['_ENDEPISODERESPONSE']._serialized_end=1594
-  _globals['_POLICYSERVICE']._serialized_start=1961
-  _globals['_POLICYSERVICE']._serialized_end=2378
+  _globals['_TRAJECTORYCHUNK']._serialized_end=1147
+  _globals['_SAMPLING']._serialized_start=1149
+  _globals['_SAMPLING']._serialized_end=1245
+  _globals['_PREDICTVIDEOREQUEST']._serialized_start=1248
+  _globals['_PREDICTVIDEOREQUEST']._serialized_end=1412
+  _globals['_PREDICTEDFRAME']._serialized_start=1414
+  _globals['_PREDICTEDFRAME']._serialized_end=1482
+  _globals['_ENDEPISODEREQUEST']._serialized_start=1484
+  _globals['_ENDEPISODEREQUEST']._serialized_end=1578
+  _globals['_ENDEPISODERESPONSE']._serialized_start=1580
+  _globals['_ENDEPISODERESPONSE']._serialized_end=1635
+  _globals['_POLICYSERVICE']._serialized_start=2002
+  _globals['_POLICYSERVICE']._serialized_end=2419
 # @@protoc_insertion_point(module_scope)

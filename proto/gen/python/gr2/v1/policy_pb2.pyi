@@ -145,7 +145,7 @@ class Waypoint(_message.Message):
     def __init__(self, time_offset_s: _Optional[float] = ..., position: _Optional[_Iterable[float]] = ..., quat_wxyz: _Optional[_Iterable[float]] = ..., gripper: _Optional[float] = ...) -> None: ...
 
 class TrajectoryChunk(_message.Message):
-    __slots__ = ("episode_id", "seq", "waypoints", "model_version", "queue_time_s", "compute_time_s", "server_time_s")
+    __slots__ = ("episode_id", "seq", "waypoints", "model_version", "queue_time_s", "compute_time_s", "server_time_s", "predicted_images")
     EPISODE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     WAYPOINTS_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,7 @@ class TrajectoryChunk(_message.Message):
     QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     episode_id: str
     seq: int
     waypoints: _containers.RepeatedCompositeFieldContainer[Waypoint]
@@ -160,7 +161,8 @@ class TrajectoryChunk(_message.Message):
     queue_time_s: float
     compute_time_s: float
     server_time_s: float
-    def __init__(self, episode_id: _Optional[str] = ..., seq: _Optional[int] = ..., waypoints: _Optional[_Iterable[_Union[Waypoint, _Mapping]]] = ..., model_version: _Optional[str] = ..., queue_time_s: _Optional[float] = ..., compute_time_s: _Optional[float] = ..., server_time_s: _Optional[float] = ...) -> None: ...
+    predicted_images: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, episode_id: _Optional[str] = ..., seq: _Optional[int] = ..., waypoints: _Optional[_Iterable[_Union[Waypoint, _Mapping]]] = ..., model_version: _Optional[str] = ..., queue_time_s: _Optional[float] = ..., compute_time_s: _Optional[float] = ..., server_time_s: _Optional[float] = ..., predicted_images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("mode", "top_k", "temperature", "seed")

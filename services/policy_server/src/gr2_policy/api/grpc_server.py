@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -59,9 +59,16 @@ def frame_image(view: ViewInfo, rgb: np.ndarray) -> pb.Image:
     )
 
 
-def chunk_to_proto(result: StepResult, model_version: str) -> pb.TrajectoryChunk:
+def chunk_to_proto(
+    result: StepResult, model_version: str, views: Sequence[ViewInfo] = ()
+) -> pb.TrajectoryChunk:
+    """The wire form of a step result (``views``: the served views, for a predicted frame)."""
     c = result.chunk
+    predicted = []
+    if result.predicted_frame is not None:
+        predicted = [frame_image(v, result.predicted_frame[i]) for i, v in enumerate(views)]
     return pb.TrajectoryChunk(
+        predicted_images=predicted,
         episode_id=result.episode_id,
         seq=result.seq,
         waypoints=[
@@ -145,8 +152,9 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     async def _step(self, obs: pb.Observation) -> pb.TrajectoryChunk:
         check_text("episode_id", obs.episode_id, MAX_ID_BYTES, required=True)
         step = decode_observation(obs, self.service.info.views)
-        result = await self.service.step(obs.episode_id, obs.seq, step)
-        return chunk_to_proto(result, self.service.info.model_version)
+        result = await self.service.step(obs.episode_id, obs.seq, step, obs.predict_video)
+        info = self.service.info
+        return chunk_to_proto(result, info.model_version, info.views)
 
     async def Act(
         self, request: pb.Observation, context: grpc.aio.ServicerContext

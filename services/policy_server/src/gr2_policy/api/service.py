@@ -47,6 +47,7 @@ class StepResult:
     chunk: ActionChunk
     server_time_s: float  # wall clock, for the client's clock-offset estimate only
     replayed: bool = False
+    predicted_frame: np.ndarray | None = None  # (V, H, W, 3) uint8 when asked for
 
 
 @dataclass
@@ -112,7 +113,11 @@ class EpisodeService:
                 log.warning("episode_adopted", episode_id=episode_id, last_seq=record.last_seq)
             return session
 
-    async def step(self, episode_id: str, seq: int, step: StepInput) -> StepResult:
+    async def step(
+        self, episode_id: str, seq: int, step: StepInput, predict_video: bool = False
+    ) -> StepResult:
+        """Run one observation; with ``predict_video`` the result also carries the model's
+        prediction of the next frame of each view."""
         t_start = time.perf_counter()
         session = await self._session(episode_id)
         async with session.lock:
@@ -134,7 +139,12 @@ class EpisodeService:
             except StoreError as err:
                 self.metrics.store_errors.labels("record_step").inc()
                 log.warning("store_record_step_failed", episode_id=episode_id, error=str(err))
-            result = StepResult(episode_id, seq, chunk, server_time_s=time.time())
+            frame = None
+            if predict_video:
+                frame = await self.engine.predict_next_frame(episode_id)
+            result = StepResult(
+                episode_id, seq, chunk, server_time_s=time.time(), predicted_frame=frame
+            )
             session.last_seq = seq
             session.last_result = result
         latency = time.perf_counter() - t_start

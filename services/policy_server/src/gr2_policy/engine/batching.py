@@ -70,6 +70,7 @@ from gr2_policy.errors import (
 from gr2_policy.logs import get_logger
 from gr2_policy.metrics import PolicyMetrics
 from gr2_policy.model.policy import GR2Policy
+from gr2_policy.model.sampling import GREEDY
 from gr2_policy.model.step_function import StepFunction, step_layout
 
 log = get_logger("gr2_policy.engine")
@@ -124,7 +125,7 @@ class _VideoState:
     frames: Iterator[Tensor | None] | None  # GR2Policy.iter_video, after the prefill
     out: asyncio.Queue[object]
     loop: asyncio.AbstractEventLoop
-    request: VideoRequest
+    prefill: Callable[[], Iterator[Tensor | None]]  # the first unit (worker thread)
     tokens: int = 0
     done: bool = False
 
@@ -348,13 +349,39 @@ class BatchingEngine:
         steps: the prefill, then ``video_tokens_per_unit`` tokens at a time."""
         self._check_running()
         check_video_request(self._cfg, request)
+        async for frame in self._video_job(
+            lambda: start_video(self._model, self._cfg.views, request)
+        ):
+            yield frame
+
+    async def predict_next_frame(self, episode_id: str) -> np.ndarray:
+        """The model's greedy prediction of the episode's next frame, uint8 (V, H, W, 3),
+        continuing its cache as it is after its last step (which stays untouched). Runs as
+        low-priority video work; call it between steps of the episode."""
+        self._check_running()
+        episode = self._episodes.get(episode_id)
+        slot = self.table.slot_of(episode_id)
+        if episode is None or slot is None:
+            raise EpisodeNotResidentError(
+                f"episode {episode_id!r} holds no cache on this replica (evicted or not opened)"
+            )
+        if episode.next_step == 0:
+            raise InvalidInputError("an episode's next frame needs one step first")
+        lang, next_step = episode.lang, episode.next_step
+        self.table.pin(episode_id)  # the copy reads the slot: it must not be evicted
+        try:
+            frames = self._video_job(lambda: self._continue_episode(slot, lang, next_step))
+            (frame,) = [frame async for frame in frames]
+            return frame
+        finally:
+            self.table.unpin(episode_id)
+
+    async def _video_job(
+        self, prefill: Callable[[], Iterator[Tensor | None]]
+    ) -> AsyncIterator[np.ndarray]:
+        """Queue video work (``prefill`` first, then tokens) and yield its decoded frames."""
         loop = asyncio.get_running_loop()
-        video = _VideoState(
-            frames=None,
-            out=asyncio.Queue(),
-            loop=loop,
-            request=request,
-        )
+        video = _VideoState(frames=None, out=asyncio.Queue(), loop=loop, prefill=prefill)
         job = VideoJob(next(self._video_ids), video)
         self.scheduler.add_video(job)
         self._wake.set()
@@ -536,6 +563,18 @@ class BatchingEngine:
             self.pool.write(rows[:n], steps[:n], out.new_k[:, :n], out.new_v[:, :n])
         return out.raw[:n].float()
 
+    def _continue_episode(self, slot: int, lang: Tensor, next_step: int) -> Iterator[Tensor | None]:
+        """One greedy frame after the episode's last step, on a copy of its pool row in a
+        one-episode rolling cache (same key layout, plus the [ACT] scratch slot)."""
+        cache = self._model.new_cache(1)
+        keys = self.pool.k.shape[3]
+        cache.k[:, 0, :, :keys] = self.pool.k[:, slot]
+        cache.v[:, 0, :, :keys] = self.pool.v[:, slot]
+        cache.key_step[0, :keys] = self.pool.key_step[slot]
+        cache.key_pos[0, :keys] = self.pool.key_pos[slot]
+        cache.next_step.fill_(next_step)
+        return self._model.iter_video(cache, lang[None], 1, GREEDY)
+
     def _gather_into(self, size: int) -> tuple[Tensor, Tensor]:
         k, v = self._gather_flat
         shape = (k.shape[0], size, *k.shape[2:])
@@ -559,7 +598,7 @@ class BatchingEngine:
         try:
             with torch.inference_mode():
                 if state.frames is None:  # the first unit: tokenize and prefill
-                    state.frames = start_video(self._model, self._cfg.views, state.request)
+                    state.frames = state.prefill()
                     return
                 for _ in range(self.config.video_tokens_per_unit):
                     ids = next(state.frames)

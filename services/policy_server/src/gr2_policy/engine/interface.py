@@ -137,6 +137,11 @@ class Engine(Protocol):
     async def close_episode(self, episode_id: str) -> None:
         """Free the episode's state; unknown ids are ignored."""
 
+    async def predict_next_frame(self, episode_id: str) -> np.ndarray:
+        """The greedy prediction of the episode's next frame, uint8 (V, H, W, 3), after its
+        last step; the episode's state is unchanged."""
+        ...
+
     def predict_video(self, request: VideoRequest) -> AsyncIterator[np.ndarray]:
         """The predicted frames, each uint8 (V, H, W, 3) with views in ``info.views``
         order, as soon as it is decoded. Lower priority than control steps."""

@@ -38,10 +38,11 @@ from gr2_policy.engine.model_info import engine_info
 from gr2_policy.engine.step_record import StepRecord
 from gr2_policy.engine.validation import check_step_input, check_video_request
 from gr2_policy.engine.video import start_video
-from gr2_policy.errors import EpisodeNotFoundError, UnavailableError
+from gr2_policy.errors import EpisodeNotFoundError, InvalidInputError, UnavailableError
 from gr2_policy.metrics import PolicyMetrics
 from gr2_policy.model.kv_cache import RollingKVCache
 from gr2_policy.model.policy import ActionPrediction, GR2Policy
+from gr2_policy.model.sampling import GREEDY
 
 _WARMUP_EPISODE = "__gr2-engine-warmup__"
 
@@ -167,6 +168,33 @@ class LocalEngine:
         tokens = await loop.run_in_executor(self._executor, start)
         for _ in range(request.num_frames):
             yield await loop.run_in_executor(self._executor, next_frame, tokens)
+
+    async def predict_next_frame(self, episode_id: str) -> np.ndarray:
+        """The episode's next frame (greedy), from its cache or its ring of inputs."""
+        self._check_running()
+        episode = self._episodes.get(episode_id)
+        if episode is None:
+            raise EpisodeNotFoundError(f"episode {episode_id!r} is not open")
+        if episode.count == 0:
+            raise InvalidInputError("an episode's next frame needs one step first")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._next_frame, episode)
+
+    def _next_frame(self, episode: _Episode) -> np.ndarray:
+        cfg = self._cfg
+        with torch.inference_mode():
+            if episode.cache is not None:
+                ids = self._model.generate_frames(episode.cache, episode.lang, 1, GREEDY)
+            else:
+                assert episode.tokens is not None and episode.states is not None
+                r, t = self._window, episode.count
+                order = torch.arange(t - min(t, r), t, device=self._device) % r
+                tokens = episode.tokens.index_select(0, order)[None]
+                states = episode.states.index_select(0, order)[None]
+                ids = self._model.generate_frames_uncached(
+                    episode.lang, tokens, states, None, t - order.numel(), 1, GREEDY
+                )
+            return self._model.decode_frames(ids.view(1, len(cfg.views), -1))[0].cpu().numpy()
 
     async def close_episode(self, episode_id: str) -> None:
         """Forget the episode; unknown ids are ignored."""
