@@ -1,5 +1,5 @@
 """The policy server's HTTP side against a real server process backed by a real
-redis-server: health, readiness, info, episodes, metrics, and JSON errors."""
+redis-server: health, readiness, info, episodes, metrics, and problem-details errors."""
 
 from __future__ import annotations
 
@@ -105,17 +105,35 @@ def test_episode_state_and_metrics_are_kept_in_redis(
     assert all(e["status"] == "ended" for e in ended)
 
 
-def test_unknown_episode_is_404_json(http: httpx.Client) -> None:
+def test_unknown_episode_is_404_problem(http: httpx.Client) -> None:
     response = http.get("/v1/episodes/does-not-exist")
     assert response.status_code == 404
-    assert response.json()["error"]["code"] == "EpisodeNotFoundError"
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == 404 and body["title"] == "Not Found"
+    assert body["type"] == "urn:gr2:problem:episode-not-found"
+    assert body["code"] == "EpisodeNotFoundError"
+    assert "does-not-exist" in body["detail"]
 
 
 @pytest.mark.parametrize("params", [{"limit": 0}, {"limit": "many"}, {"status": "sleeping"}])
-def test_bad_query_is_4xx_json(http: httpx.Client, params: dict) -> None:
+def test_bad_query_is_422_problem(http: httpx.Client, params: dict) -> None:
     response = http.get("/v1/episodes", params=params)
     assert response.status_code == 422
-    assert "error" in response.json()
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == 422 and body["title"] and body["type"]
+    assert next(iter(params)) in body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"), [("GET", "/nope", 404), ("POST", "/healthz", 405)]
+)
+def test_http_errors_are_problems(http: httpx.Client, method: str, path: str, status: int) -> None:
+    response = http.request(method, path)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["status"] == status
 
 
 def test_metrics_exposes_every_server_metric(http: httpx.Client, server: PolicyServer) -> None:

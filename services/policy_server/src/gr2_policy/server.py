@@ -115,7 +115,7 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
     readiness = Readiness()
     http = _EmbeddedUvicorn(
         uvicorn.Config(
-            create_app(service, readiness),
+            create_app(service, readiness, max_upload_bytes=settings.max_upload_bytes),
             host=settings.host,
             port=settings.http_port,
             log_level="warning",

@@ -77,6 +77,9 @@ class ServerSettings(BaseSettings):
         None, description="where ONNX exports and TensorRT engines are cached (~/.cache/gr2)"
     )
     max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="gRPC message limit")
+    max_upload_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="REST request body limit (larger: 413)"
+    )
     replica: str = Field(default_factory=socket.gethostname, description="name of this replica")
     episode_ttl_s: float = Field(86400.0, gt=0, description="episode state TTL in the store")
     log_level: str = Field("info", description="debug, info, warning, error")

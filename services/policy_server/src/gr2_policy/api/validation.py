@@ -64,20 +64,43 @@ def decode_image(image: pb.Image, view: ViewInfo) -> np.ndarray:
             )
         return np.frombuffer(image.data, dtype=np.uint8).reshape(view.height, view.width, 3)
     name = _ENCODING_NAMES[image.encoding]
+    return decode_image_bytes(image.data, view, (name,), declared=True)
+
+
+def decode_image_bytes(
+    data: bytes,
+    view: ViewInfo,
+    formats: Sequence[str] = ("PNG", "JPEG"),
+    *,
+    declared: bool = False,
+    info_hint: str = "GET /v1/info",
+) -> np.ndarray:
+    """Decode an encoded image (one of ``formats``, PIL names) into an (H, W, 3) uint8 array
+    of exactly the view's size. ``declared``: the client declared the format and size (the
+    gRPC Image); ``info_hint`` names where the client can look the expected size up."""
+    where = f"image {view.name!r}"
+    wanted = " or ".join(formats)
     try:
-        with PILImage.open(io.BytesIO(image.data)) as img:
-            if img.format != name:
-                raise InvalidInputError(f"{where}: data is {img.format}, declared {name}")
+        with PILImage.open(io.BytesIO(data)) as img:
+            if img.format not in formats:
+                if declared:
+                    raise InvalidInputError(f"{where}: data is {img.format}, declared {wanted}")
+                raise InvalidInputError(f"{where}: data is {img.format}, expected {wanted}")
             if img.size != (view.width, view.height):
                 raise InvalidInputError(
                     f"{where}: decoded size {img.size[0]}x{img.size[1]}, expected "
                     f"{view.width}x{view.height}"
+                    if declared
+                    else f"{where}: size {img.size[0]}x{img.size[1]}, the model expects "
+                    f"{view.width}x{view.height} (see {info_hint})"
                 )
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except InvalidInputError:
         raise
     except (OSError, ValueError, PILImage.DecompressionBombError) as err:
-        raise InvalidInputError(f"{where}: cannot decode {name} data ({err})") from None
+        if declared:
+            raise InvalidInputError(f"{where}: cannot decode {wanted} data ({err})") from None
+        raise InvalidInputError(f"{where}: not a {wanted} image ({err})") from None
 
 
 def _vector(name: str, values: Sequence[float], length: int) -> np.ndarray:
