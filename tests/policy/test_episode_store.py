@@ -185,6 +185,43 @@ async def test_inputs_capped_and_oldest_first(make: StoreFactory) -> None:
     assert await store.recent_inputs(ep) == [b"in-3", b"in-4", b"in-5", blob]
 
 
+async def test_last_reply_is_the_answer_to_the_last_seq(store: EpisodeStore) -> None:
+    ep = (await store.create("pick", "robot", "r0")).episode_id
+    assert await store.last_reply(ep) is None
+    blob = bytes(range(256)) * 3  # binary replies survive unchanged
+    await store.record_step(ep, 0, 0.01, b"in-0", reply=b"answer-0")
+    assert await store.last_reply(ep) == (0, b"answer-0")
+    await store.record_step(ep, 1, 0.01, b"in-1", reply=blob)
+    assert await store.last_reply(ep) == (1, blob)
+    await store.record_step(ep, 2, 0.01, b"in-2")  # no reply: the old one must not answer seq 2
+    assert await store.last_reply(ep) is None
+    with pytest.raises(EpisodeNotFoundError):
+        await store.last_reply(UNKNOWN)
+
+
+async def test_resync_moves_forward_only_and_replaces_inputs(make: StoreFactory) -> None:
+    store = make(history_cap=3)
+    ep = (await store.create("pick", "robot", "r0")).episode_id
+    await _steps(store, ep, 4)  # last_seq 3, inputs in-1..in-3
+    kept = [b"k-7", b"k-8", b"k-9", b"k-10"]  # the serving replica's window (one too many)
+    record = await store.resync(ep, 10, 0.02, kept, reply=b"answer-10")
+    assert (record.last_seq, record.steps, record.status) == (10, 11, EpisodeStatus.ACTIVE)
+    assert await store.recent_inputs(ep) == kept[-3:]
+    assert await store.last_reply(ep) == (10, b"answer-10")
+    for stale in (10, 5):  # not ahead of the store: another writer got there
+        with pytest.raises(StepSeqConflictError) as err:
+            await store.resync(ep, stale, 0.01, [b"x"])
+        assert err.value.expected == 11
+    assert (await store.get(ep)).last_seq == 10
+    await store.record_step(ep, 11, 0.01, b"in-11")  # ordinary steps go on from there
+    assert await store.recent_inputs(ep) == [b"k-9", b"k-10", b"in-11"]
+    await store.end(ep, EpisodeOutcome.SUCCESS)
+    with pytest.raises(EpisodeEndedError):
+        await store.resync(ep, 20, 0.01, [])
+    with pytest.raises(EpisodeNotFoundError):
+        await store.resync(UNKNOWN, 1, 0.01, [])
+
+
 async def test_end_then_step_or_end_again_fails(store: EpisodeStore) -> None:
     ep = (await store.create("pick", "robot", "r0")).episode_id
     await _steps(store, ep, 3)
@@ -256,12 +293,13 @@ async def test_redis_keys_have_ttl_renewed_by_step(
     try:
         ep = (await store.create("pick", "robot", "r0", idempotency_key="k")).episode_id
         await store.record_step(ep, 0, 0.01, b"x")
-        keys = [f"{prefix}ep:{ep}", f"{prefix}ep:{ep}:lat", f"{prefix}ep:{ep}:in"]
+        await store.record_step(ep, 1, 0.01, b"y", reply=b"chunk")
+        keys = [f"{prefix}ep:{ep}{s}" for s in ("", ":lat", ":in", ":reply")]
         for key in [*keys, f"{prefix}idem:k"]:
             assert 50_000 < await raw_redis.pttl(key) <= 60_000, key
         for key in keys:
             await raw_redis.pexpire(key, 1000)
-        await store.record_step(ep, 1, 0.01, b"y")
+        await store.record_step(ep, 2, 0.01, b"z", reply=b"chunk")
         for key in keys:
             assert await raw_redis.pttl(key) > 50_000, key
         await raw_redis.pexpire(keys[0], 1000)

@@ -146,7 +146,7 @@ def test_make_runner_here_says_what_is_missing(policy: GR2Policy, device: torch.
     with pytest.raises(RunnerUnavailableError) as caught:
         make_runner("tensorrt", StepFunction(policy), device=device)
     message = str(caught.value)
-    assert "pip install tensorrt-cu12" in message
+    assert "pip install tensorrt-cu13" in message
     if not HAS_TRT:
         assert "`tensorrt` package is not installed" in message
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -57,20 +57,39 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
 class RedisServer:
     port: int
     proc: subprocess.Popen
+    password: str | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
 
 @contextmanager
-def run_redis_server(workdir: Path) -> Iterator[RedisServer]:
-    """A real, throw-away redis-server on loopback with persistence off."""
+def run_redis_server(
+    workdir: Path,
+    *,
+    port: int | None = None,
+    persistent: bool = False,
+    password: str | None = None,
+) -> Iterator[RedisServer]:
+    """A real, throw-away redis-server on loopback. ``persistent``: an append-only file in
+    ``workdir``, fsynced on every write, so a restart on the same port and workdir (after a
+    SIGKILL too) finds every acknowledged write; otherwise persistence is off. ``password``:
+    clients must authenticate (``url`` carries it)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server not found: run `make test` (installs it through apt)")
-    port = free_port()
+    port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
+    durability = (
+        ["--appendonly", "yes", "--appendfsync", "always"]
+        if persistent
+        else [
+            "--appendonly",
+            "no",
+        ]
+    )
     proc = subprocess.Popen(
         [
             exe,
@@ -80,8 +99,7 @@ def run_redis_server(workdir: Path) -> Iterator[RedisServer]:
             "127.0.0.1",
             "--save",
             "",
-            "--appendonly",
-            "no",
+            *durability,
             "--dir",
             str(workdir),
             "--loglevel",
@@ -92,7 +110,7 @@ def run_redis_server(workdir: Path) -> Iterator[RedisServer]:
     )
     try:
         wait_for_port(port, 10.0, proc)
-        yield RedisServer(port=port, proc=proc)
+        yield RedisServer(port=port, proc=proc, password=password)
     finally:
         stop_process(proc)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,3 +86,22 @@ def run_policy_server(
         yield server
     finally:
         stop_process(proc)
+
+
+@contextmanager
+def run_replicas(
+    workdir: Path, redis_url: str, names: tuple[str, ...] = ("replica-a", "replica-b")
+) -> Iterator[list[PolicyServer]]:
+    """Policy server replicas (seeded random weights, so all serve the same model) sharing
+    one Redis episode store, each named by GR2_REPLICA."""
+    with ExitStack() as stack:
+        yield [
+            stack.enter_context(
+                run_policy_server(
+                    workdir / name,
+                    redis_url=redis_url,
+                    env={"GR2_REPLICA": name, "GR2_RANDOM_WEIGHTS": "1"},
+                )
+            )
+            for name in names
+        ]

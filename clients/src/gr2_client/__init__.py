@@ -13,22 +13,29 @@ from gr2_client.convert import (
     server_description,
 )
 from gr2_client.errors import ClientError, IncompatibleServerError
+from gr2_client.failover import Backoff, FailoverClient, FailoverExhaustedError, parse_targets
 from gr2_client.options import PROTOCOL_VERSION, channel_options
+from gr2_client.tls import TlsConfig
 
 __all__ = [
     "PROTOCOL_VERSION",
     "AsyncActionStream",
     "AsyncPolicyClient",
+    "Backoff",
     "Chunk",
     "ClientError",
+    "FailoverClient",
+    "FailoverExhaustedError",
     "IncompatibleServerError",
     "PolicyClient",
     "PredictedFrame",
     "ServerDescription",
+    "TlsConfig",
     "channel_options",
     "chunk_from_proto",
     "encode_image",
     "frame_from_proto",
     "make_observation",
+    "parse_targets",
     "server_description",
 ]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from gr2.v1 import policy_pb2 as pb
 from gr2.v1 import policy_pb2_grpc as pb_grpc
 
-from gr2_client.client import auth_metadata
+from gr2_client.client import auth_metadata, channel_arguments
 from gr2_client.convert import ServerDescription, server_description
-from gr2_client.options import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from gr2_client.options import DEFAULT_MAX_MESSAGE_BYTES
+from gr2_client.tls import TlsConfig
 
 
 class AsyncActionStream:
@@ -21,7 +24,17 @@ class AsyncActionStream:
         self._call = call
 
     async def send(self, observation: pb.Observation) -> None:
-        await self._call.write(observation)
+        """Raises grpc.aio.AioRpcError with the call's status when the call has already
+        ended (e.g. the server ended the stream while draining)."""
+        try:
+            await self._call.write(observation)
+        except asyncio.InvalidStateError:
+            raise grpc.aio.AioRpcError(
+                await self._call.code(),
+                await self._call.initial_metadata(),
+                await self._call.trailing_metadata(),
+                await self._call.details(),
+            ) from None
 
     async def recv(self) -> pb.TrajectoryChunk:
         """The next chunk; raises grpc.aio.AioRpcError when the call failed, EOFError when the
@@ -46,7 +59,11 @@ class AsyncActionStream:
 
 
 class AsyncPolicyClient:
-    """asyncio client; create and use it inside one running event loop."""
+    """asyncio client; create and use it inside one running event loop.
+
+    api_key: sent as ``authorization: Bearer KEY``. tls: a :class:`TlsConfig` for a TLS
+    (or mutual TLS) server; None: plaintext.
+    """
 
     def __init__(
         self,
@@ -55,11 +72,14 @@ class AsyncPolicyClient:
         api_key: str | None = None,
         timeout_s: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(
-            target, options=channel_options(max_message_bytes)
-        )
+        options, credentials = channel_arguments(max_message_bytes, tls)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         self._stub = pb_grpc.PolicyServiceStub(self._channel)
         self._metadata = auth_metadata(api_key)
         self._timeout_s = timeout_s

@@ -31,6 +31,7 @@ from gr2.v1 import policy_pb2 as pb
 from gr2_client.client import PolicyClient
 from gr2_client.convert import PredictedFrame, ServerDescription
 from gr2_client.errors import ClientError
+from gr2_client.tls import TlsConfig
 
 AGENT = "gr2-wbc-agent"
 EXIT_FAILED = 1
@@ -114,8 +115,33 @@ def _ms(seconds: float | None) -> str:
 # ------------------------------------------------------------------------------------ info
 
 
+def tls_config(args: argparse.Namespace) -> TlsConfig | None:
+    """The --tls* options as a TlsConfig (None: plaintext); UsageError for a client
+    certificate without its key (or the reverse) or a file that is not there."""
+    given = {
+        "--tls-ca": args.tls_ca,
+        "--tls-cert": args.tls_cert,
+        "--tls-key": args.tls_key,
+    }
+    if not (args.tls or args.tls_server_name or any(given.values())):
+        return None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together (a client certificate and its key)")
+    for flag, path in given.items():
+        if path and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    return TlsConfig(
+        ca_file=args.tls_ca or None,
+        cert_file=args.tls_cert or None,
+        key_file=args.tls_key or None,
+        server_name_override=args.tls_server_name or None,
+    )
+
+
 def _client(args: argparse.Namespace) -> PolicyClient:
-    return PolicyClient(args.server, api_key=args.api_key, timeout_s=args.timeout)
+    return PolicyClient(
+        args.server, api_key=args.api_key, timeout_s=args.timeout, tls=tls_config(args)
+    )
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -309,6 +335,18 @@ def _cmd_run_episode(args: argparse.Namespace) -> int:
         env["PYTHONUNBUFFERED"] = "1"
         if args.api_key:
             env["GR2_WBC_API_KEY"] = args.api_key
+        tls = tls_config(args)
+        if tls is not None:
+            env["GR2_WBC_TLS"] = "1"
+            for name, value in (
+                ("GR2_WBC_TLS_CA_FILE", tls.ca_file),
+                ("GR2_WBC_TLS_CERT_FILE", tls.cert_file),
+                ("GR2_WBC_TLS_KEY_FILE", tls.key_file),
+            ):
+                if value is not None:
+                    env[name] = str(Path(value).resolve())
+            if tls.server_name_override:
+                env["GR2_WBC_TLS_SERVER_NAME"] = tls.server_name_override
         if "MUJOCO_GL" not in env and not env.get("DISPLAY"):
             env["MUJOCO_GL"] = "egl"  # headless rendering of the sim cameras
         ui = Ui(not args.no_progress)
@@ -424,6 +462,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("GR2_API_KEY"),
         metavar="KEY",
         help="API key sent as 'authorization: Bearer KEY' (env GR2_API_KEY)",
+    )
+    tls = parser.add_argument_group(
+        "TLS", "for a server with GR2_TLS_CERT_FILE (and GR2_TLS_CLIENT_CA_FILE: mutual TLS)"
+    )
+    tls.add_argument(
+        "--tls",
+        action="store_true",
+        default=os.environ.get("GR2_TLS", "").lower() in ("1", "true", "yes", "on"),
+        help="connect with TLS, trusting the system's CAs (implied by the other --tls "
+        "options; env GR2_TLS)",
+    )
+    tls.add_argument(
+        "--tls-ca",
+        default=os.environ.get("GR2_TLS_CA"),
+        metavar="PEM",
+        help="CA bundle that signed the server's certificate (env GR2_TLS_CA)",
+    )
+    tls.add_argument(
+        "--tls-cert",
+        default=os.environ.get("GR2_TLS_CERT"),
+        metavar="PEM",
+        help="client certificate, for mutual TLS; needs --tls-key (env GR2_TLS_CERT)",
+    )
+    tls.add_argument(
+        "--tls-key",
+        default=os.environ.get("GR2_TLS_KEY"),
+        metavar="PEM",
+        help="the client certificate's unencrypted key (env GR2_TLS_KEY)",
+    )
+    tls.add_argument(
+        "--tls-server-name",
+        default=os.environ.get("GR2_TLS_SERVER_NAME"),
+        metavar="NAME",
+        help="check the server's certificate against NAME instead of the --server host "
+        "(env GR2_TLS_SERVER_NAME)",
     )
     parser.add_argument(
         "--timeout",

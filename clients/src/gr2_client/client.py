@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -17,16 +18,29 @@ from gr2_client.convert import (
     server_description,
 )
 from gr2_client.options import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from gr2_client.tls import TlsConfig
 
 
 def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
+def channel_arguments(
+    max_message_bytes: int, tls: TlsConfig | None
+) -> tuple[list[tuple[str, Any]], grpc.ChannelCredentials | None]:
+    """Channel options and, with ``tls``, the channel credentials (None: plaintext)."""
+    options: list[tuple[str, Any]] = [*channel_options(max_message_bytes)]
+    if tls is None:
+        return options, None
+    return [*options, *tls.channel_options()], tls.channel_credentials()
+
+
 class PolicyClient:
     """Blocking client. Use as a context manager or call close().
 
     target: "host:port". timeout_s applies to unary calls; streams have no deadline.
+    api_key: sent as ``authorization: Bearer KEY``. tls: a :class:`TlsConfig` for a TLS
+    (or mutual TLS) server; None: plaintext.
     """
 
     def __init__(
@@ -36,9 +50,14 @@ class PolicyClient:
         api_key: str | None = None,
         timeout_s: float = 10.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.target = target
-        self._channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes))
+        options, credentials = channel_arguments(max_message_bytes, tls)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         self._stub = pb_grpc.PolicyServiceStub(self._channel)
         self._metadata = auth_metadata(api_key)
         self._timeout_s = timeout_s

@@ -34,6 +34,12 @@ _SERVE_FLAGS = {
     "--max-batch-delay-ms": ("max_batch_delay_ms", float),
     "--engine-cache-dir": ("engine_cache_dir", Path),
     "--replica": ("replica", str),
+    "--rate-limit-rps": ("rate_limit_rps", float),
+    "--rate-limit-burst": ("rate_limit_burst", int),
+    "--tls-cert-file": ("tls_cert_file", Path),
+    "--tls-key-file": ("tls_key_file", Path),
+    "--tls-client-ca-file": ("tls_client_ca_file", Path),
+    "--health-port": ("health_port", int),
     "--log-level": ("log_level", str),
 }
 
@@ -62,6 +68,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     configure_logging(settings.log_level, settings.log_json)
+    from gr2_policy.api.auth import AccessGuard
+    from gr2_policy.api.tls import load_server_tls
+
+    try:  # before the model loads: bad keys or TLS files fail in a moment, not after it
+        AccessGuard.from_settings(settings)
+        load_server_tls(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    except GR2Error as err:
+        print(f"gr2-policy-server: {err}", file=sys.stderr)
+        return 2
     from gr2_policy.server import serve
 
     try:
@@ -148,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="serve gRPC + HTTP (defaults: 127.0.0.1, gRPC 50051, HTTP 8000)",
-        description="Each flag overrides the matching GR2_* environment variable.",
+        description="Each flag overrides the matching GR2_* environment variable. API keys "
+        "come from GR2_API_KEYS only: a command line is visible to every user of the machine "
+        "(see docs/security.md).",
     )
     for flag, (field, kind) in _SERVE_FLAGS.items():
         doc = ServerSettings.model_fields[field].description

@@ -41,6 +41,10 @@ class UnavailableError(GR2Error):
     """The server is draining or not ready (UNAVAILABLE / 503)."""
 
 
+class DrainingError(UnavailableError):
+    """The server is shutting down: continue on another replica (UNAVAILABLE / 503)."""
+
+
 class StoreError(GR2Error):
     """The episode store failed (e.g. Redis unreachable)."""
 

@@ -73,9 +73,36 @@ class PolicyMetrics:
             ["method", "code"],
             registry=r,
         )
+        self.episode_adoptions = Counter(
+            "gr2_policy_episode_adoptions_total",
+            "Episodes taken over from the store after another replica served them",
+            registry=r,
+        )
+        self.replayed_steps = Counter(
+            "gr2_policy_replayed_steps_total",
+            "Retried seqs answered with the stored chunk instead of running again",
+            registry=r,
+        )
+        self.draining = Gauge(
+            "gr2_policy_draining", "1 while the server shuts down and refuses new work", registry=r
+        )
         self.store_errors = Counter(
             "gr2_policy_store_errors_total",
             "Episode-store operations that failed (steps fail open)",
             ["operation"],
+            registry=r,
+        )
+        # Access control (api.auth): reasons are missing / malformed / invalid; the rate
+        # limit is labelled by API key *name* (bounded by GR2_API_KEYS), or "anonymous".
+        self.auth_failures = Counter(
+            "gr2_policy_auth_failures_total",
+            "Calls refused for a missing, malformed or unknown API key",
+            ["reason"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "gr2_policy_rate_limited_total",
+            "Calls and stream observations refused by the per-key rate limit",
+            ["key"],
             registry=r,
         )

@@ -1,8 +1,9 @@
 """Runs the policy server: gRPC (grpc.aio) and HTTP (uvicorn/FastAPI) in one event loop.
 
 Startup order: load weights, start gRPC (health NOT_SERVING) and HTTP (/readyz 503), warm the
-engine up, then flip both to serving. On SIGTERM/SIGINT: stop being ready, let in-flight RPCs
-finish within the grace period, close the store.
+engine up, then flip both to serving. On SIGTERM/SIGINT: drain (``_drain``): NOT_SERVING, new
+work refused with UNAVAILABLE, action streams told to move to another replica, exit within the
+grace period.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ from typing import Any
 import uvicorn
 
 from gr2_policy.allocator import tune_glibc_malloc
+from gr2_policy.api.auth import AccessGuard
 from gr2_policy.api.grpc_server import GrpcServer
 from gr2_policy.api.rest import Readiness, create_app
 from gr2_policy.api.service import EpisodeService
+from gr2_policy.api.tls import load_server_tls
 from gr2_policy.logs import get_logger
 from gr2_policy.metrics import PolicyMetrics
 from gr2_policy.settings import ServerSettings
 from gr2_policy.state import make_store
 
 log = get_logger("gr2_policy.server")
-SHUTDOWN_GRACE_S = 5.0
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -102,6 +104,12 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
             loop.add_signal_handler(sig, stop.set)
 
     metrics = PolicyMetrics()
+    # Keys and TLS files are checked before the model loads: a bad setting fails at once.
+    guard = AccessGuard.from_settings(settings, metrics)
+    tls = load_server_tls(
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    )
+    guard.log_startup(settings.host, tls_on=tls is not None)
     engine, source = await asyncio.to_thread(build_engine, settings, metrics)
     store = make_store(
         settings.redis_url,
@@ -110,12 +118,20 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
         history_cap=engine.info.rebuild_steps,
     )
     service = EpisodeService(engine, store, metrics, replica=settings.replica)
-    grpc_server = GrpcServer(service, settings.host, settings.grpc_port, settings.max_message_bytes)
+    grpc_server = GrpcServer(
+        service,
+        settings.host,
+        settings.grpc_port,
+        settings.max_message_bytes,
+        guard=guard,
+        tls=tls,
+        health_port=settings.health_port,
+    )
     await grpc_server.start()
     readiness = Readiness()
     http = _EmbeddedUvicorn(
         uvicorn.Config(
-            create_app(service, readiness, max_upload_bytes=settings.max_upload_bytes),
+            create_app(service, readiness, max_upload_bytes=settings.max_upload_bytes, guard=guard),
             host=settings.host,
             port=settings.http_port,
             log_level="warning",
@@ -131,7 +147,12 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
         log.info(
             "serving",
             grpc=f"{settings.host}:{grpc_server.port}",
+            grpc_security=grpc_server.security,
+            grpc_plaintext_health=None
+            if grpc_server.health_port is None
+            else f"{settings.host}:{grpc_server.health_port}",
             http=f"{settings.host}:{settings.http_port}",
+            **guard.describe(),
             model=source,
             preset=engine.info.preset,
             model_version=engine.info.model_version,
@@ -145,12 +166,47 @@ async def serve(settings: ServerSettings, stop: asyncio.Event | None = None) -> 
             raise RuntimeError("HTTP server failed") from http_task.exception()
         stop_task.cancel()
     finally:
-        log.info("shutting_down", grace_s=SHUTDOWN_GRACE_S)
-        readiness.draining = True
-        await grpc_server.stop(SHUTDOWN_GRACE_S)
+        await _drain(settings, service, grpc_server, readiness)
         http.should_exit = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(http_task, SHUTDOWN_GRACE_S)
+            await asyncio.wait_for(http_task, 1.0)
         await engine.stop()
         await store.close()
         log.info("stopped")
+
+
+async def _drain(
+    settings: ServerSettings,
+    service: EpisodeService,
+    grpc_server: GrpcServer,
+    readiness: Readiness,
+) -> None:
+    """Graceful shutdown, bounded by ``shutdown_grace_s``: go NOT_SERVING (gRPC health and
+    /readyz), refuse new episodes and steps with UNAVAILABLE, end every action stream with
+    UNAVAILABLE so its robot continues on another replica (a step in progress is answered
+    first), keep answering that way for at least ``drain_min_s`` (so load balancers and
+    probes see it), then stop gRPC, cancelling whatever is still running at the deadline."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    deadline = start + settings.shutdown_grace_s
+    keep_until = start + min(settings.drain_min_s, settings.shutdown_grace_s)
+    log.info(
+        "draining",
+        grace_s=settings.shutdown_grace_s,
+        drain_min_s=settings.drain_min_s,
+        open_streams=grpc_server.servicer.open_streams,
+    )
+    readiness.draining = True
+    service.start_draining()
+    await grpc_server.set_serving(False)
+    while loop.time() < deadline and (
+        grpc_server.servicer.open_streams > 0 or loop.time() < keep_until
+    ):
+        await asyncio.sleep(0.02)
+    remaining = max(0.0, deadline - loop.time())
+    log.info(
+        "stopping_grpc",
+        open_streams=grpc_server.servicer.open_streams,
+        remaining_s=round(remaining, 3),
+    )
+    await grpc_server.stop(remaining)

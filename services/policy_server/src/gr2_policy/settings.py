@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ServerSettings(BaseSettings):
@@ -82,8 +82,55 @@ class ServerSettings(BaseSettings):
     )
     replica: str = Field(default_factory=socket.gethostname, description="name of this replica")
     episode_ttl_s: float = Field(86400.0, gt=0, description="episode state TTL in the store")
+    shutdown_grace_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="on SIGTERM, the longest the drain and shutdown may take (keep the "
+        "Kubernetes terminationGracePeriodSeconds above it)",
+    )
+    drain_min_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="on SIGTERM, keep answering NOT_SERVING/UNAVAILABLE at least this long "
+        "before closing the ports (time for load balancers to notice; 5 s on Kubernetes)",
+    )
     log_level: str = Field("info", description="debug, info, warning, error")
     log_json: bool = Field(True, description="JSON log lines (false: human-readable)")
+    # Access control and transport security (docs/security.md). Keys are secrets: SecretStr
+    # keeps them out of repr() and logs; their format is checked by api.auth.KeyRing.parse,
+    # never here, because a pydantic error would echo the raw value.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated API keys, each KEY or NAME:KEY; when set, every "
+        "PolicyService RPC and REST route but health, metrics and the page needs "
+        "'authorization: Bearer KEY' (unset: no authentication)",
+    )
+    rate_limit_rps: float = Field(
+        0.0,
+        ge=0,
+        description="requests per second per API key (per client address without keys); "
+        "each StreamActions observation counts; 0 = no limit",
+    )
+    rate_limit_burst: int = Field(
+        0, ge=0, description="bucket size: requests allowed at once; 0 = ceil(rps), at least 1"
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM server certificate (chain) for gRPC TLS; needs tls_key_file"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle: mutual TLS, clients must present a certificate it signed",
+    )
+    health_port: int = Field(
+        50052,
+        ge=0,
+        le=65535,
+        description="with TLS on: plaintext port serving only grpc.health.v1, for probes "
+        "that cannot speak TLS (0 = any free port)",
+    )
 
     @field_validator("redis_url", mode="before")
     @classmethod
@@ -93,4 +140,19 @@ class ServerSettings(BaseSettings):
     @field_validator("checkpoint", "engine_cache_dir", mode="before")
     @classmethod
     def _empty_path_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """``GR2_API_KEYS=a,b`` (a comma-separated list, not JSON); blanks are dropped."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("tls_cert_file", "tls_key_file", "tls_client_ca_file", mode="before")
+    @classmethod
+    def _empty_tls_path_is_none(cls, value: object) -> object:
         return None if value == "" else value

@@ -23,6 +23,7 @@ locked when the process is permitted; otherwise it runs SCHED_OTHER and logs how
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from gr2_client import ClientError, PolicyClient
+from gr2_client import ClientError, FailoverClient, FailoverExhaustedError, ServerDescription
 from pydantic import ValidationError
 
 from gr2_wbc.controller import default_ik
@@ -142,6 +143,8 @@ def summarise(
         "steps": link.report.steps,
         "requested_steps": args.steps,
         "error": link.report.error,
+        "failovers": link.report.failovers,
+        "servers_used": link.report.targets,
         "chunk_latency": link.report.latency_summary(),
         "clock": {  # server clock - robot clock, from round trips (gr2_wbc.control.clock)
             "offset_s": link.report.clock_offset_s,
@@ -282,6 +285,24 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return 0
 
 
+def fetch_server_info(server: str, settings: AgentSettings) -> ServerDescription:
+    """GetServerInfo from the first of the comma-separated servers that answers (a few
+    seconds at most: an unreachable server at start-up is a configuration error)."""
+
+    async def fetch() -> ServerDescription:
+        client = FailoverClient(
+            server,
+            api_key=settings.api_key_value(),
+            tls=settings.tls_config(),
+            give_up_after_s=5.0,
+            connect_timeout_s=2.0,
+        )
+        async with client:
+            return await client.server_info()
+
+    return asyncio.run(fetch())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings()
     if settings is None:
@@ -294,12 +315,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     instance = resolve_task(args)
     robot = make_robot(args.robot, args.seed, args)
     try:
-        with PolicyClient(server, api_key=settings.api_key) as client:
-            info = client.server_info()
+        info = fetch_server_info(server, settings)
         info.check_compatible(robot.camera_names)
         width, height = camera_size(info.views)
     except grpc.RpcError as err:
         log(f"cannot reach the policy server at {server}: {err.code().name}: {err.details()}")
+        robot.close()
+        return 2
+    except FailoverExhaustedError as err:
+        log(f"cannot reach the policy server: {err}")
         robot.close()
         return 2
     except ClientError as err:
@@ -386,11 +410,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         buffer,
         max_steps=args.steps,
         robot_id=args.robot_id,
-        api_key=settings.api_key,
+        api_key=settings.api_key_value(),
         stop=stop,
         robot_clock=loop.robot_time_s,
         smoother=smoother,
         keep_observations=args.record is not None,
+        reconnect_timeout_s=settings.reconnect_timeout_s,
+        step_timeout_s=settings.step_timeout_s,
+        client_options={"tls": settings.tls_config()},
     )
     loop.lockstep_last_seq = args.steps - 1
     link.start()
@@ -477,7 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one episode against a policy server")
     run.add_argument(
-        "--server", default=None, help="HOST:PORT (env GR2_WBC_SERVER, default localhost:50051)"
+        "--server",
+        default=None,
+        help="HOST:PORT, or several comma-separated replicas to fail over between "
+        "(env GR2_WBC_SERVER, default localhost:50051)",
     )
     run.add_argument("--robot", choices=["sim", "kortex"], default="sim")
     run.add_argument(

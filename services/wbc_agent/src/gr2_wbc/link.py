@@ -15,11 +15,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
 from gr2.v1 import policy_pb2 as pb
-from gr2_client import AsyncPolicyClient, chunk_from_proto, make_observation
+from gr2_client import FailoverClient, chunk_from_proto, make_observation
+from gr2_client.failover import describe_failure
 
 from gr2_wbc.control.clock import ClockOffsetEstimator
 from gr2_wbc.control.smoothing import ChunkSmoother
@@ -46,6 +48,8 @@ class LinkReport:
     server_compute_s: list[float] = field(default_factory=list)
     server_queue_s: list[float] = field(default_factory=list)
     error: str | None = None
+    failovers: int = 0  # reconnections after a failed server (same episode, same seq)
+    targets: list[str] = field(default_factory=list)  # servers used, in order
     clock_offset_s: float | None = None  # server clock - robot clock, from round trips
     clock_error_bound_s: float | None = None
 
@@ -81,6 +85,9 @@ class PolicyLink(threading.Thread):
         robot_clock: Callable[[], float] | None = None,
         smoother: ChunkSmoother | None = None,
         keep_observations: bool = False,
+        reconnect_timeout_s: float = 30.0,
+        step_timeout_s: float = 5.0,
+        client_options: dict[str, Any] | None = None,
     ) -> None:
         """robot_clock: reads the robot's clock (thread-safe); with it, each round trip feeds
         the clock-offset estimate reported in ``report``. smoother: optional chunk smoothing
@@ -104,6 +111,9 @@ class PolicyLink(threading.Thread):
         self.smoother = smoother
         self.sent: list[ObservationSample] | None = [] if keep_observations else None
         self.clock = ClockOffsetEstimator()
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.step_timeout_s = step_timeout_s
+        self.client_options = client_options or {}
 
     def run(self) -> None:
         try:
@@ -121,11 +131,28 @@ class PolicyLink(threading.Thread):
                 continue
         return None
 
+    def _on_failover(self, error: BaseException, target: str) -> None:
+        self.report.failovers += 1
+        self.report.targets.append(target)
+        logger.warning(
+            "policy server failed (%s); continuing the episode on %s",
+            describe_failure(error),
+            target,
+        )
+
     async def _episode(self) -> None:
-        async with AsyncPolicyClient(self.target, api_key=self.api_key) as client:
+        client = FailoverClient(
+            self.target,
+            api_key=self.api_key,
+            give_up_after_s=self.reconnect_timeout_s,
+            step_timeout_s=self.step_timeout_s,
+            on_failover=self._on_failover,
+            **self.client_options,
+        )
+        self.report.targets.append(client.target)
+        async with client:
             episode_id = await client.start_episode(self.instruction, robot_id=self.robot_id)
             self.report.episode_id = episode_id
-            stream = client.open_stream()
             outcome = "unspecified"
             try:
                 while self.report.steps < self.max_steps:
@@ -133,17 +160,20 @@ class PolicyLink(threading.Thread):
                     if sample is None:
                         outcome = self.stop_outcome
                         break
-                    await self._step(stream, episode_id, sample)
-                await stream.close()
+                    await self._step(client, episode_id, sample)
+                await client.close_stream()
             except BaseException:
-                stream.cancel()
                 # Best effort: the original failure is what gets reported.
-                with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
-                    await client.end_episode(episode_id, OUTCOMES["aborted"])
+                with contextlib.suppress(grpc.RpcError, asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(
+                        client.end_episode(episode_id, OUTCOMES["aborted"]), self.step_timeout_s
+                    )
                 raise
             await client.end_episode(episode_id, OUTCOMES[outcome])
 
-    async def _step(self, stream, episode_id: str, sample: ObservationSample) -> None:  # type: ignore[no-untyped-def]
+    async def _step(
+        self, client: FailoverClient, episode_id: str, sample: ObservationSample
+    ) -> None:
         seq = self.report.steps
         state = sample.state
         obs = make_observation(
@@ -160,7 +190,7 @@ class PolicyLink(threading.Thread):
             self.sent.append(sample)
         t_send = self.robot_clock() if self.robot_clock else 0.0
         t0 = time.perf_counter()
-        chunk = chunk_from_proto(await stream.step(obs))
+        chunk = chunk_from_proto(await client.step(obs))
         self.report.round_trip_s.append(time.perf_counter() - t0)
         if seq == 0:
             logger.info("first chunk: round trip %.1f ms", self.report.round_trip_s[0] * 1e3)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from gr2_client.tls import TlsConfig
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gr2_wbc.control.safety import SafetyConfig
@@ -21,8 +22,45 @@ class AgentSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GR2_WBC_", extra="ignore")
 
-    server: str = Field("localhost:50051", description="policy server HOST:PORT")
-    api_key: str | None = Field(None, description="API key for the policy server")
+    server: str = Field(
+        "localhost:50051",
+        description="policy server HOST:PORT; several comma-separated replicas to fail over "
+        "between (the episode continues on the next with the same id and seq)",
+    )
+    reconnect_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="how long the link keeps trying to reach a server (backoff with jitter, "
+        "round robin over --server) before the episode fails; the arm holds meanwhile",
+    )
+    step_timeout_s: float = Field(
+        5.0, gt=0, description="a step not answered this long counts as a failed server"
+    )
+    api_key: SecretStr | None = Field(
+        None, description="API key for the policy server (never logged or printed)"
+    )
+
+    def api_key_value(self) -> str | None:
+        """The API key itself, for the client's authorization metadata."""
+        return None if self.api_key is None else self.api_key.get_secret_value()
+
+    tls: bool = Field(
+        False,
+        description="reach the policy server over TLS, trusting the system's CAs (implied by "
+        "the tls_*_file settings)",
+    )
+    tls_ca_file: Path | None = Field(
+        None, description="PEM CA bundle that signed the policy server's certificate"
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM client certificate, for a mutual-TLS server (with tls_key_file)"
+    )
+    tls_key_file: Path | None = Field(
+        None, validate_default=True, description="PEM key of tls_cert_file (unencrypted)"
+    )
+    tls_server_name: str | None = Field(
+        None, description="check the server certificate against this name, not the host"
+    )
     metrics_host: str = Field("127.0.0.1", description="address of the agent's /metrics")
     metrics_port: int = Field(9102, ge=0, le=65535, description="port of /metrics (0: off)")
     rate_hz: float = Field(200.0, gt=0, description="control loop rate")
@@ -92,6 +130,33 @@ class AgentSettings(BaseSettings):
     estop_file: Path | None = Field(
         None, description="e-stop latches while this path exists (checked every 50 ms)"
     )
+
+    @field_validator(
+        "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name", mode="before"
+    )
+    @classmethod
+    def _empty_tls_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("tls_key_file", mode="after")
+    @classmethod
+    def _client_cert_with_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Checked on the key (validated after the certificate), so the error names a setting.
+        if (info.data.get("tls_cert_file") is None) != (value is None):
+            raise ValueError("GR2_WBC_TLS_CERT_FILE and GR2_WBC_TLS_KEY_FILE go together")
+        return value
+
+    def tls_config(self) -> TlsConfig | None:
+        """The link's TLS settings, or None for a plaintext connection."""
+        files = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        if not (self.tls or self.tls_server_name or any(f is not None for f in files)):
+            return None
+        return TlsConfig(
+            ca_file=self.tls_ca_file,
+            cert_file=self.tls_cert_file,
+            key_file=self.tls_key_file,
+            server_name_override=self.tls_server_name,
+        )
 
     def trajectory_buffer(self, blend: str | None = None, max_chunks: int = 4) -> TrajectoryBuffer:
         """The loop's :class:`TrajectoryBuffer`; ``blend`` overrides :attr:`blend`."""

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gr2_policy import __version__
+from gr2_policy.api.auth import AccessGuard, RestAccessMiddleware, add_openapi_security
 from gr2_policy.api.problems import PROBLEM_JSON, Problem, UploadLimit, error_type, problem
 from gr2_policy.api.protocol import PROTOCOL_VERSION
 from gr2_policy.api.service import EpisodeService
@@ -133,7 +134,11 @@ def create_app(
     readiness: Readiness,
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    guard: AccessGuard | None = None,
 ) -> FastAPI:
+    """The REST app. ``guard``: API keys and rate limits (api.auth), checked outside
+    everything else, before a request body is read; health, metrics, the page and the API
+    docs stay open."""
     app = FastAPI(
         title="GR-2 Serve policy server",
         version=__version__,
@@ -155,6 +160,10 @@ def create_app(
 
     # Outside the request counting: a refused upload never reaches the app.
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
+    # Outermost (added last): an unauthenticated or rate-limited request is answered 401/429
+    # before the upload limit, the counting or any handler sees it.
+    if guard is not None and guard.active:
+        app.add_middleware(RestAccessMiddleware, guard=guard)
 
     @app.exception_handler(GR2Error)
     async def gr2_error(_: Request, err: GR2Error) -> JSONResponse:
@@ -180,7 +189,10 @@ def create_app(
         log.error("internal_error", ref=ref, exc_info=err)
         return problem(500, f"internal server error (reference {ref})", reference=ref)
 
-    app.openapi = lambda: _problem_openapi(app)  # type: ignore[method-assign]
+    if guard is not None and guard.keyring is not None:
+        app.openapi = lambda: add_openapi_security(_problem_openapi(app))  # type: ignore[method-assign]
+    else:
+        app.openapi = lambda: _problem_openapi(app)  # type: ignore[method-assign]
     app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
 
     @app.get("/", include_in_schema=False)

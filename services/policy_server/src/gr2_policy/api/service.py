@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from gr2_policy.api.step_reply import decode_reply, encode_reply
 from gr2_policy.engine.interface import (
     ActionChunk,
     Engine,
@@ -28,14 +30,22 @@ from gr2_policy.engine.interface import (
     VideoRequest,
 )
 from gr2_policy.errors import (
+    DrainingError,
     EpisodeEndedError,
+    EpisodeNotFoundError,
     EpisodeNotResidentError,
     SeqConflictError,
     StoreError,
 )
 from gr2_policy.logs import get_logger
 from gr2_policy.metrics import PolicyMetrics
-from gr2_policy.state import EpisodeOutcome, EpisodeRecord, EpisodeStatus, EpisodeStore
+from gr2_policy.state import (
+    EpisodeOutcome,
+    EpisodeRecord,
+    EpisodeStatus,
+    EpisodeStore,
+    StepSeqConflictError,
+)
 
 log = get_logger("gr2_policy.service")
 
@@ -57,8 +67,11 @@ class _Session:
     episode_id: str
     instruction: str
     last_seq: int
+    records: deque[bytes]  # this replica's last R step inputs, to resync a store that missed some
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_result: StepResult | None = None
+    store_behind: bool = False  # steps were served while the store was unreachable
+    dropped: bool = False  # stale (another replica moved the episode on): adopt it afresh
 
 
 class EpisodeService:
@@ -71,14 +84,30 @@ class EpisodeService:
         self.replica = replica
         self._sessions: dict[str, _Session] = {}
         self._sessions_lock = asyncio.Lock()
+        self.draining = asyncio.Event()
 
     @property
     def info(self) -> EngineInfo:
         return self.engine.info
 
+    def start_draining(self) -> None:
+        """Refuse new episodes and steps from now on (UNAVAILABLE): the process is stopping and
+        its episodes continue on another replica, rebuilt from the store."""
+        self.draining.set()
+        self.metrics.draining.set(1)
+
+    def check_accepting(self, what: str) -> None:
+        """DrainingError (UNAVAILABLE) once the server drains; ``what`` says what to redo."""
+        if self.draining.is_set():
+            raise DrainingError(
+                f"this replica ({self.replica}) is shutting down: {what} on another replica "
+                "(episodes keep their id and seq there)"
+            )
+
     async def start_episode(
         self, instruction: str, robot_id: str, idempotency_key: str | None
     ) -> EpisodeRecord:
+        self.check_accepting("start the episode")
         record = await self.store.create(
             instruction=instruction,
             robot_id=robot_id,
@@ -102,61 +131,145 @@ class EpisodeService:
             record = await self.store.get(episode_id)  # EpisodeNotFoundError if unknown
             if record.status == EpisodeStatus.ENDED:
                 raise EpisodeEndedError(f"episode {episode_id} has ended")
+            records: deque[bytes] = deque(maxlen=self.info.rebuild_steps)
             if record.last_seq >= 0:  # started elsewhere: rebuild from its step records
-                await self._restore(episode_id, record.instruction)
+                records.extend(await self._restore(episode_id, record.instruction))
             else:
                 await self.engine.open_episode(episode_id, record.instruction)
-            session = _Session(episode_id, record.instruction, last_seq=record.last_seq)
+            session = _Session(episode_id, record.instruction, record.last_seq, records)
             self._sessions[episode_id] = session
             self.metrics.active_episodes.set(len(self._sessions))
             if record.last_seq >= 0:
+                self.metrics.episode_adoptions.inc()
                 log.warning("episode_adopted", episode_id=episode_id, last_seq=record.last_seq)
             return session
+
+    async def _drop(self, session: _Session) -> None:
+        """Forget a session this replica can no longer trust (the store moved past it)."""
+        session.dropped = True
+        async with self._sessions_lock:
+            if self._sessions.get(session.episode_id) is session:
+                del self._sessions[session.episode_id]
+                await self.engine.close_episode(session.episode_id)
+            self.metrics.active_episodes.set(len(self._sessions))
 
     async def step(
         self, episode_id: str, seq: int, step: StepInput, predict_video: bool = False
     ) -> StepResult:
         """Run one observation; with ``predict_video`` the result also carries the model's
-        prediction of the next frame of each view."""
+        prediction of the next frame of each view.
+
+        A retry of the last seq gets the same answer again (from this replica's memory, or
+        from the store when the step was answered elsewhere). When the store shows that the
+        episode moved on without this replica (the robot failed over and came back), the
+        stale session is dropped and the episode adopted afresh, once.
+        """
+        self.check_accepting(f"send seq {seq} of episode {episode_id}")
         t_start = time.perf_counter()
-        session = await self._session(episode_id)
-        async with session.lock:
-            if session.last_result is not None and seq == session.last_seq:
-                return dataclasses.replace(session.last_result, replayed=True)
-            if seq != session.last_seq + 1:
-                raise SeqConflictError(
-                    f"episode {episode_id}: expected seq {session.last_seq + 1}, got {seq}"
-                )
-            try:
-                chunk = await self.engine.step(episode_id, step)
-            except EpisodeNotResidentError:  # evicted from the cache pool: rebuild, retry
-                await self._restore(episode_id, session.instruction)
-                chunk = await self.engine.step(episode_id, step)
-            try:
-                await self.store.record_step(
-                    episode_id, seq, time.perf_counter() - t_start, chunk.record or None
-                )
-            except StoreError as err:
-                self.metrics.store_errors.labels("record_step").inc()
-                log.warning("store_record_step_failed", episode_id=episode_id, error=str(err))
-            frame = None
-            if predict_video:
-                frame = await self.engine.predict_next_frame(episode_id)
-            result = StepResult(
-                episode_id, seq, chunk, server_time_s=time.time(), predicted_frame=frame
-            )
-            session.last_seq = seq
-            session.last_result = result
+        for attempt in range(2):
+            session = await self._session(episode_id)
+            async with session.lock:
+                if session.dropped:
+                    continue
+                if seq == session.last_seq:
+                    replay = session.last_result or await self._stored_reply(episode_id, seq)
+                    if replay is not None:
+                        self.metrics.replayed_steps.inc()
+                        return dataclasses.replace(replay, replayed=True)
+                if seq != session.last_seq + 1:
+                    if attempt == 0 and await self._store_moved_on(session):
+                        await self._drop(session)
+                        continue
+                    raise SeqConflictError(
+                        f"episode {episode_id}: expected seq {session.last_seq + 1}, got {seq}"
+                    )
+                result = await self._run(session, seq, step, predict_video, t_start)
+                if result is None:  # another replica recorded this seq first
+                    await self._drop(session)
+                    continue
+            latency = time.perf_counter() - t_start
+            self.metrics.step_latency.observe(latency)
+            self.metrics.queue_time.observe(result.chunk.queue_time_s)
+            if seq == 0:
+                self.metrics.first_chunk_latency.observe(latency)
+            return result
+        raise SeqConflictError(
+            f"episode {episode_id}: seq {seq} conflicts with another replica's steps; "
+            "resend it (the episode is being moved)"
+        )
+
+    async def _run(
+        self,
+        session: _Session,
+        seq: int,
+        step: StepInput,
+        predict_video: bool,
+        t_start: float,
+    ) -> StepResult | None:
+        """The engine step of ``seq`` and its record in the store; None when the store's
+        compare-and-set shows another replica got there first."""
+        episode_id = session.episode_id
+        try:
+            chunk = await self.engine.step(episode_id, step)
+        except EpisodeNotResidentError:  # evicted from the cache pool: rebuild, retry
+            await self._restore(episode_id, session.instruction)
+            chunk = await self.engine.step(episode_id, step)
+        frame = None
+        if predict_video:
+            frame = await self.engine.predict_next_frame(episode_id)
+        result = StepResult(
+            episode_id, seq, chunk, server_time_s=time.time(), predicted_frame=frame
+        )
+        if chunk.record:
+            session.records.append(chunk.record)
+        reply = encode_reply(chunk, result.server_time_s)
         latency = time.perf_counter() - t_start
-        self.metrics.step_latency.observe(latency)
-        self.metrics.queue_time.observe(chunk.queue_time_s)
-        if seq == 0:
-            self.metrics.first_chunk_latency.observe(latency)
+        try:
+            if session.store_behind:
+                await self.store.resync(episode_id, seq, latency, list(session.records), reply)
+                log.info("store_resynced", episode_id=episode_id, seq=seq)
+            else:
+                await self.store.record_step(episode_id, seq, latency, chunk.record or None, reply)
+            session.store_behind = False
+        except StepSeqConflictError:
+            log.warning("episode_moved_on", episode_id=episode_id, seq=seq)
+            return None
+        except EpisodeEndedError:
+            await self._drop(session)
+            raise
+        except (StoreError, EpisodeNotFoundError) as err:  # fail open: the episode goes on here
+            session.store_behind = True
+            self.metrics.store_errors.labels("record_step").inc()
+            log.warning("store_record_step_failed", episode_id=episode_id, error=str(err))
+        session.last_seq = seq
+        session.last_result = result
         return result
 
-    async def _restore(self, episode_id: str, instruction: str) -> None:
-        """Rebuild the engine's state of a live episode from the store's step records. With
-        the store unreachable the episode restarts from an empty history (fail open)."""
+    async def _stored_reply(self, episode_id: str, seq: int) -> StepResult | None:
+        """The store's answer to ``seq`` (recorded by another replica), or None."""
+        try:
+            stored = await self.store.last_reply(episode_id)
+            if stored is None or stored[0] != seq:
+                return None
+            chunk, server_time_s = decode_reply(stored[1])
+        except StoreError as err:
+            self.metrics.store_errors.labels("last_reply").inc()
+            log.warning("store_last_reply_failed", episode_id=episode_id, error=str(err))
+            return None
+        return StepResult(episode_id, seq, chunk, server_time_s=server_time_s, replayed=True)
+
+    async def _store_moved_on(self, session: _Session) -> bool:
+        """Whether the store's seq of this episode differs from this replica's."""
+        try:
+            record = await self.store.get(session.episode_id)
+        except StoreError:
+            return False
+        return record.last_seq != session.last_seq
+
+    async def _restore(self, episode_id: str, instruction: str) -> list[bytes]:
+        """Rebuild the engine's state of a live episode from the store's step records (which
+        it returns). With the store unreachable the episode restarts from an empty history
+        (fail open)."""
         try:
             records = await self.store.recent_inputs(episode_id)
         except StoreError as err:
@@ -171,9 +284,11 @@ class EpisodeService:
             records = []
             await self.engine.restore_episode(episode_id, instruction, records)
         log.info("episode_rebuilt", episode_id=episode_id, steps=len(records))
+        return records
 
     def predict_video(self, request: VideoRequest) -> AsyncIterator[np.ndarray]:
         """Predicted frames, uint8 (V, H, W, 3) each, as they are decoded (no episode)."""
+        self.check_accepting("ask for the video")
         return self.engine.predict_video(request)
 
     async def end_episode(

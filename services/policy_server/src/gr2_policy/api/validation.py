@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
+from google.protobuf.message import Message
 from gr2.v1 import policy_pb2 as pb
 from PIL import Image as PILImage
 
@@ -21,7 +23,10 @@ from gr2_policy.engine.interface import (
     VideoState,
     ViewInfo,
 )
+from gr2_policy.engine.validation import check_temperature
 from gr2_policy.errors import InvalidInputError
+
+M = TypeVar("M", bound=Message)
 
 MAX_INSTRUCTION_BYTES = 512
 MAX_ID_BYTES = 128
@@ -31,12 +36,33 @@ _ENCODING_NAMES = {
     pb.IMAGE_ENCODING_JPEG: "JPEG",
     pb.IMAGE_ENCODING_PNG: "PNG",
 }
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"))
+"""Signatures of the encoded formats we accept: only their decoders ever see client bytes."""
+_MAX_REASON_CHARS = 120
+
+
+def parse_message(cls: type[M], data: bytes) -> M:
+    """Parse a request's wire bytes; anything that is not a valid ``cls`` message (corrupt
+    wire format, a string field that is not UTF-8) is an InvalidInputError, not a crash."""
+    try:
+        return cls.FromString(data)
+    except Exception as err:  # noqa: BLE001 - DecodeError, or whatever the parser raises
+        reason = str(err).rpartition(": ")[2][:_MAX_REASON_CHARS] or type(err).__name__
+        raise InvalidInputError(
+            f"the request is not a valid {cls.DESCRIPTOR.full_name} message ({reason})"
+        ) from None
 
 
 def check_text(name: str, value: str, max_bytes: int, *, required: bool = False) -> str:
+    """A string of at most ``max_bytes`` UTF-8 bytes without control characters (tab and
+    newline allowed); ``required``: not empty or only whitespace."""
     if required and not value.strip():
         raise InvalidInputError(f"{name} is required")
-    if len(value.encode("utf-8")) > max_bytes:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from a JSON "\ud800" escape
+        raise InvalidInputError(f"{name} is not valid Unicode text") from None
+    if size > max_bytes:
         raise InvalidInputError(f"{name} is longer than {max_bytes} bytes")
     if any(ord(c) < 32 and c not in "\t\n" for c in value):
         raise InvalidInputError(f"{name} contains control characters")
@@ -67,6 +93,14 @@ def decode_image(image: pb.Image, view: ViewInfo) -> np.ndarray:
     return decode_image_bytes(image.data, view, (name,), declared=True)
 
 
+def sniff_format(data: bytes) -> str | None:
+    """The format the data's signature names: PNG, JPEG, or None for anything else."""
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    return None
+
+
 def decode_image_bytes(
     data: bytes,
     view: ViewInfo,
@@ -77,15 +111,23 @@ def decode_image_bytes(
 ) -> np.ndarray:
     """Decode an encoded image (one of ``formats``, PIL names) into an (H, W, 3) uint8 array
     of exactly the view's size. ``declared``: the client declared the format and size (the
-    gRPC Image); ``info_hint`` names where the client can look the expected size up."""
+    gRPC Image); ``info_hint`` names where the client can look the expected size up.
+
+    Only the PNG and JPEG decoders ever see the bytes (the format is taken from the
+    signature, not guessed by trying every PIL plugin), and the size is checked before any
+    pixel is decoded, so a small header cannot make the server decode a huge image."""
     where = f"image {view.name!r}"
     wanted = " or ".join(formats)
+    kind = sniff_format(data)
+    if kind not in formats:
+        if declared:
+            actual = kind or "neither PNG nor JPEG"
+            raise InvalidInputError(f"{where}: data is {actual}, declared {wanted}")
+        raise InvalidInputError(
+            f"{where}: not a {wanted} image" + (f" (the data is {kind})" if kind else "")
+        )
     try:
-        with PILImage.open(io.BytesIO(data)) as img:
-            if img.format not in formats:
-                if declared:
-                    raise InvalidInputError(f"{where}: data is {img.format}, declared {wanted}")
-                raise InvalidInputError(f"{where}: data is {img.format}, expected {wanted}")
+        with PILImage.open(io.BytesIO(data), formats=[kind]) as img:
             if img.size != (view.width, view.height):
                 raise InvalidInputError(
                     f"{where}: decoded size {img.size[0]}x{img.size[1]}, expected "
@@ -97,10 +139,20 @@ def decode_image_bytes(
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except InvalidInputError:
         raise
-    except (OSError, ValueError, PILImage.DecompressionBombError) as err:
+    except Exception as err:  # noqa: BLE001 - corrupt data: PIL raises OSError, SyntaxError,
+        # struct.error, EOFError, ValueError, ... depending on where the decoder gave up.
+        reason = _decode_failure(err)
         if declared:
-            raise InvalidInputError(f"{where}: cannot decode {wanted} data ({err})") from None
-        raise InvalidInputError(f"{where}: not a {wanted} image ({err})") from None
+            raise InvalidInputError(f"{where}: cannot decode {kind} data ({reason})") from None
+        raise InvalidInputError(f"{where}: not a {wanted} image ({reason})") from None
+
+
+def _decode_failure(err: Exception) -> str:
+    """PIL's reason, short and without object reprs (no memory addresses to the client)."""
+    if isinstance(err, PILImage.UnidentifiedImageError):
+        return "unrecognised or corrupt header"
+    reason = str(err).split(" <", 1)[0].strip()[:_MAX_REASON_CHARS]
+    return reason or type(err).__name__
 
 
 def _vector(name: str, values: Sequence[float], length: int) -> np.ndarray:
@@ -180,16 +232,18 @@ def decode_video_request(
 
 
 def decode_sampling(sampling: pb.Sampling) -> VideoSampling:
-    """UNSPECIFIED or GREEDY: argmax. TOP_K: top_k (0 = all) at temperature (0 = 1.0)."""
+    """UNSPECIFIED or GREEDY: argmax. TOP_K: top_k (0 = all) at temperature (0 = 1.0). A
+    temperature out of range is refused in every mode (the engine checks top_k)."""
     if sampling.mode not in (
         pb.SAMPLING_MODE_UNSPECIFIED,
         pb.SAMPLING_MODE_GREEDY,
         pb.SAMPLING_MODE_TOP_K,
     ):
         raise InvalidInputError(f"unknown sampling mode {sampling.mode}; use GREEDY or TOP_K")
+    temperature = sampling.temperature or 1.0
+    check_temperature(temperature)
     if sampling.mode != pb.SAMPLING_MODE_TOP_K:
         return VideoSampling()
-    temperature = sampling.temperature or 1.0
     return VideoSampling(
         greedy=False, top_k=sampling.top_k, temperature=temperature, seed=sampling.seed
     )

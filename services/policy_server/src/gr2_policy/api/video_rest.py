@@ -46,6 +46,7 @@ from gr2_policy.engine.interface import (
     VideoState,
     ViewInfo,
 )
+from gr2_policy.engine.validation import MAX_TEMPERATURE, MIN_TEMPERATURE
 from gr2_policy.errors import GR2Error, InvalidInputError
 from gr2_policy.logs import get_logger
 
@@ -83,7 +84,7 @@ class SamplingIn(BaseModel):
 
     mode: Literal["greedy", "top_k"] = "greedy"
     top_k: int = Field(0, ge=0)
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     seed: int = Field(0, ge=0, lt=2**63)
 
 
@@ -126,7 +127,7 @@ class PredictVideoForm(BaseModel):
     format: Format = "gif"
     sampling: Literal["greedy", "top_k"] = "greedy"
     top_k: int = Field(0, ge=0)
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)
     seed: int = Field(0, ge=0, lt=2**63)
     state: Json[StateIn] | None = Field(
         None, description='JSON: {"ee_position": [3], "ee_quat_wxyz": [4], "gripper": x}'
@@ -134,7 +135,10 @@ class PredictVideoForm(BaseModel):
 
 
 def multipart_schema() -> dict[str, Any]:
-    """The OpenAPI schema of the multipart form (files + PredictVideoForm's fields)."""
+    """The OpenAPI schema of the multipart form (files + PredictVideoForm's fields). ``state``
+    is a StateIn object: in multipart/form-data that is a part holding its JSON (OpenAPI's
+    default encoding of an object property, stated in the request body's ``encoding``).
+    Other fields are refused, as the server does."""
     fields = PredictVideoForm.model_json_schema()
     props: dict[str, Any] = {
         "image": {
@@ -145,11 +149,15 @@ def multipart_schema() -> dict[str, Any]:
     }
     props.update(fields["properties"])
     props["state"] = {
-        "type": "string",
-        "description": fields["properties"]["state"].get("description", ""),
-        "example": json.dumps(_STATE_EXAMPLE),
+        "$ref": "#/components/schemas/StateIn",
+        "description": "start state, a JSON object: " + json.dumps(_STATE_EXAMPLE),
     }
-    return {"type": "object", "properties": props, "required": ["image", "instruction"]}
+    return {
+        "type": "object",
+        "properties": props,
+        "required": ["image", "instruction"],
+        "additionalProperties": False,
+    }
 
 
 class FrameOut(BaseModel):
@@ -212,7 +220,7 @@ async def parse_video_request(
             body = PredictVideoJson.model_validate_json(await request.body())
         except ValidationError as err:
             raise _validation_error(err) from None
-        encoded = [_b64(i, text) for i, text in enumerate(body.images)]
+        sources: Sequence[str | UploadFile] = body.images
         instruction, num_frames, fmt, state = (
             body.instruction,
             body.num_frames,
@@ -233,7 +241,7 @@ async def parse_video_request(
             data = PredictVideoForm.model_validate(fields)
         except ValidationError as err:
             raise _validation_error(err) from None
-        encoded = [await f.read() for f in files if isinstance(f, UploadFile)]
+        sources = [f for f in files if isinstance(f, UploadFile)]
         instruction, num_frames, fmt, state = (
             data.instruction,
             data.num_frames,
@@ -253,12 +261,15 @@ async def parse_video_request(
             "send multipart/form-data or application/json",
         )
     check_text("instruction", instruction, MAX_INSTRUCTION_BYTES, required=True)
-    if len(encoded) != len(views):
+    if len(sources) != len(views):  # before decoding any of them
         names = ", ".join(v.name for v in views)
         raise InvalidInputError(
-            f"{len(encoded)} image(s) sent, the model expects {len(views)}: one per view, "
+            f"{len(sources)} image(s) sent, the model expects {len(views)}: one per view, "
             f"in the order of GET /v1/info ({names})"
         )
+    encoded = [
+        _b64(i, src) if isinstance(src, str) else await src.read() for i, src in enumerate(sources)
+    ]
     images = {
         view.name: decode_image_bytes(data, view) for data, view in zip(encoded, views, strict=True)
     }
@@ -313,6 +324,26 @@ def frame_event(index: int, total: int, frame: np.ndarray, views: Sequence[ViewI
     return sse("frame", {"frame_index": index, "num_frames": total, "images": images})
 
 
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "One server-sent event; the stream is a sequence of them, e.g.\n\n"
+    '```\nevent: frame\ndata: {"frame_index":0,"num_frames":2,"images":{"head":'
+    '"data:image/png;base64,iVBO...","wrist":"..."}}\n\n'
+    'event: frame\ndata: {...}\n\nevent: done\ndata: {"frames":2}\n```',
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["frame", "done", "error"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": 'frame: {"frame_index", "num_frames", "images": {view: data URL}}; '
+            'done: {"frames"}; error: a problem details object',
+        },
+    },
+}
+"""The OpenAPI schema of one event of /v1/predict-video/stream (OpenAPI 3.1 has no
+keyword for a stream's items, so a text/event-stream ``schema`` describes one event)."""
+
 _PROBLEM_CONTENT = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {
@@ -338,7 +369,10 @@ def _request_body() -> dict[str, Any]:
             "content": {
                 "multipart/form-data": {
                     "schema": {"$ref": "#/components/schemas/PredictVideoMultipart"},
-                    "encoding": {"image": {"contentType": "image/png, image/jpeg"}},
+                    "encoding": {
+                        "image": {"contentType": "image/png, image/jpeg"},
+                        "state": {"contentType": "application/json"},
+                    },
                 },
                 "application/json": {
                     "schema": {"$ref": "#/components/schemas/PredictVideoJson"},
@@ -404,11 +438,8 @@ def add_video_routes(app: FastAPI, service: EpisodeService) -> None:
                 "description": "frame events, then done",
                 "content": {
                     "text/event-stream": {
-                        "schema": {"type": "string"},
-                        "example": 'event: frame\ndata: {"frame_index":0,"num_frames":2,'
-                        '"images":{"head":"data:image/png;base64,iVBO...","wrist":"..."}}\n\n'
-                        "event: frame\ndata: {...}\n\n"
-                        'event: done\ndata: {"frames":2}\n\n',
+                        "schema": SSE_EVENT_SCHEMA,
+                        "example": {"event": "done", "data": '{"frames":2}'},
                     }
                 },
             },

@@ -11,6 +11,12 @@ from gr2_policy.engine.interface import MAX_VIDEO_FRAMES, StepInput, VideoReques
 from gr2_policy.errors import InvalidInputError
 from gr2_policy.model.config import GR2Config
 
+MIN_TEMPERATURE = 1e-3
+"""The smallest sampling temperature accepted: float32 logits divided by a much smaller one
+overflow to infinity and the softmax turns into NaN (0.001 is as good as greedy anyway)."""
+MAX_TEMPERATURE = 1e3
+"""The largest sampling temperature accepted (beyond it sampling is uniform)."""
+
 
 def check_step_input(views: Sequence[str], size: int, step: StepInput) -> None:
     """Every view present as (size, size, 3) uint8, nothing extra; state finite; the
@@ -51,7 +57,7 @@ def check_state(ee_position: np.ndarray, ee_quat_wxyz: np.ndarray, gripper: floa
 
 def check_video_request(cfg: GR2Config, request: VideoRequest) -> None:
     """Images as for a step, an optional valid state, 1..MAX_VIDEO_FRAMES frames, top_k in
-    0..codebook size and a positive finite temperature."""
+    0..codebook size and a temperature in MIN_TEMPERATURE..MAX_TEMPERATURE."""
     check_images(cfg.views, cfg.image_size, request.images)
     state, sampling, num_frames = request.state, request.sampling, request.num_frames
     if state is not None:
@@ -60,5 +66,12 @@ def check_video_request(cfg: GR2Config, request: VideoRequest) -> None:
         raise InvalidInputError(f"num_frames must be in 1..{MAX_VIDEO_FRAMES}, got {num_frames}")
     if not 0 <= sampling.top_k <= cfg.codebook_size:
         raise InvalidInputError(f"top_k must be in 0..{cfg.codebook_size}, got {sampling.top_k}")
-    if not (math.isfinite(sampling.temperature) and sampling.temperature > 0):
-        raise InvalidInputError(f"temperature must be > 0, got {sampling.temperature}")
+    check_temperature(sampling.temperature)
+
+
+def check_temperature(temperature: float) -> None:
+    """A finite temperature in MIN_TEMPERATURE..MAX_TEMPERATURE."""
+    if not (math.isfinite(temperature) and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise InvalidInputError(
+            f"temperature must be in {MIN_TEMPERATURE:g}..{MAX_TEMPERATURE:g}, got {temperature}"
+        )

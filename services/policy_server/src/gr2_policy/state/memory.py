@@ -11,6 +11,7 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gr2_policy.errors import EpisodeEndedError
@@ -49,6 +50,7 @@ class _Episode:
     steps: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     inputs: deque[bytes] = field(init=False)
+    reply: bytes | None = None  # the answer to step last_seq
 
     def __post_init__(self) -> None:
         self.inputs = deque(maxlen=self.history_cap)
@@ -148,24 +150,64 @@ class MemoryEpisodeStore:
             return out
 
     async def record_step(
-        self, episode_id: str, seq: int, latency_s: float, inputs: bytes | None = None
+        self,
+        episode_id: str,
+        seq: int,
+        latency_s: float,
+        inputs: bytes | None = None,
+        reply: bytes | None = None,
     ) -> EpisodeRecord:
         """Compare-and-set the episode's seq, then record the step (see EpisodeStore)."""
         latency = check_step(seq, latency_s)
         async with self._lock:
-            ep = self._find(episode_id)
-            if ep.status is EpisodeStatus.ENDED:
-                raise EpisodeEndedError(f"episode {episode_id} has ended; start a new one")
+            ep = self._active(episode_id)
             if seq != ep.last_seq + 1:
                 raise StepSeqConflictError(episode_id, ep.last_seq + 1, seq)
             ep.last_seq = seq
             ep.steps += 1
-            ep.updated_s = time.time()
-            ep.latencies.append(latency)
+            self._stepped(ep, latency, reply)
             if inputs is not None:
                 ep.inputs.append(bytes(inputs))
-            self._touch(episode_id)
             return ep.record()
+
+    async def resync(
+        self,
+        episode_id: str,
+        seq: int,
+        latency_s: float,
+        inputs: Sequence[bytes],
+        reply: bytes | None = None,
+    ) -> EpisodeRecord:
+        """Move a store that missed steps forward to ``seq`` (see EpisodeStore)."""
+        latency = check_step(seq, latency_s)
+        async with self._lock:
+            ep = self._active(episode_id)
+            if seq <= ep.last_seq:
+                raise StepSeqConflictError(episode_id, ep.last_seq + 1, seq)
+            ep.last_seq = seq
+            ep.steps = seq + 1
+            self._stepped(ep, latency, reply)
+            ep.inputs.clear()
+            ep.inputs.extend(bytes(x) for x in inputs)
+            return ep.record()
+
+    async def last_reply(self, episode_id: str) -> tuple[int, bytes] | None:
+        """(seq, reply) of the last recorded step, or None."""
+        async with self._lock:
+            ep = self._find(episode_id)
+            return None if ep.reply is None else (ep.last_seq, ep.reply)
+
+    def _active(self, episode_id: str) -> _Episode:
+        ep = self._find(episode_id)
+        if ep.status is EpisodeStatus.ENDED:
+            raise EpisodeEndedError(f"episode {episode_id} has ended; start a new one")
+        return ep
+
+    def _stepped(self, ep: _Episode, latency: float, reply: bytes | None) -> None:
+        ep.updated_s = time.time()
+        ep.latencies.append(latency)
+        ep.reply = None if reply is None else bytes(reply)
+        self._touch(ep.episode_id)
 
     async def recent_inputs(self, episode_id: str) -> list[bytes]:
         """The last (at most history_cap) step inputs, oldest first."""

@@ -6,6 +6,7 @@ Key layout (``P`` = key_prefix, default ``gr2:``):
                           created_s, updated_s, last_seq, steps
 - ``P ep:{id}:lat``       list of chunk latencies [s], last 1000 (LTRIM)
 - ``P ep:{id}:in``        list of compact step inputs, last ``history_cap`` (LTRIM), oldest first
+- ``P ep:{id}:reply``     string: the encoded answer to step ``last_seq`` (for retries of that seq)
 - ``P episodes``          sorted set id -> created_s (the listing index, newest = highest)
 - ``P episodes:expiry``   sorted set id -> when the episode's keys expire (prunes the index)
 - ``P idem:{key}``        string -> episode id (SET NX semantics inside the create script)
@@ -19,7 +20,7 @@ applied twice.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -75,35 +76,67 @@ return {'created', ARGV[1], created}
 )
 
 _RENEW_AND_RETURN = """
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
-redis.call('ZADD', KEYS[4], now + tonumber(ARGV[2]) / 1000, ARGV[1])
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+redis.call('ZADD', KEYS[5], now + tonumber(ARGV[2]) / 1000, ARGV[1])
 return {'ok', redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 """
 
-# KEYS: ep, lat, in, expiry.  ARGV: id, ttl_ms, seq, latency, history_cap, has_inputs, inputs
-_STEP_LUA = (
-    _NOW
-    + """
-local h = redis.call('HMGET', KEYS[1], 'status', 'last_seq')
-if not h[1] then return {'missing'} end
-if h[1] == 'ended' then return {'ended'} end
-local expected = string.format('%d', tonumber(h[2]) + 1)
-if ARGV[3] ~= expected then return {'conflict', expected} end
-redis.call('HSET', KEYS[1], 'last_seq', ARGV[3], 'updated_s', string.format('%.6f', now))
-redis.call('HINCRBY', KEYS[1], 'steps', 1)
+# The common part of a step and a resync: latency, reply (ARGV[6] has one, ARGV[7] the bytes).
+_LATENCY_AND_REPLY = (
+    """
 redis.call('RPUSH', KEYS[2], ARGV[4])
 redis.call('LTRIM', KEYS[2], -"""
     + str(LATENCY_WINDOW)
     + """, -1)
-if ARGV[6] == '1' then
-  redis.call('RPUSH', KEYS[3], ARGV[7])
+if ARGV[6] == '1' then redis.call('SET', KEYS[4], ARGV[7]) else redis.call('DEL', KEYS[4]) end
+"""
+)
+
+_ACTIVE_OR_RETURN = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'last_seq')
+if not h[1] then return {'missing'} end
+if h[1] == 'ended' then return {'ended'} end
+local expected = string.format('%d', tonumber(h[2]) + 1)
+"""
+
+# KEYS: ep, lat, in, reply, expiry.
+# ARGV: id, ttl_ms, seq, latency, history_cap, has_reply, reply, has_inputs, inputs
+_STEP_LUA = (
+    _NOW
+    + _ACTIVE_OR_RETURN
+    + """
+if ARGV[3] ~= expected then return {'conflict', expected} end
+redis.call('HSET', KEYS[1], 'last_seq', ARGV[3], 'updated_s', string.format('%.6f', now))
+redis.call('HINCRBY', KEYS[1], 'steps', 1)
+if ARGV[8] == '1' then
+  redis.call('RPUSH', KEYS[3], ARGV[9])
   redis.call('LTRIM', KEYS[3], -tonumber(ARGV[5]), -1)
 end
 """
+    + _LATENCY_AND_REPLY
     + _RENEW_AND_RETURN
 )
 
-# KEYS: ep, lat, in, expiry.  ARGV: id, ttl_ms, outcome, note
+# KEYS: ep, lat, in, reply, expiry.
+# ARGV: id, ttl_ms, seq, latency, history_cap, has_reply, reply, inputs... (oldest first)
+_RESYNC_LUA = (
+    _NOW
+    + _ACTIVE_OR_RETURN
+    + """
+if tonumber(ARGV[3]) < tonumber(expected) then return {'conflict', expected} end
+redis.call('HSET', KEYS[1], 'last_seq', ARGV[3], 'steps', tonumber(ARGV[3]) + 1,
+  'updated_s', string.format('%.6f', now))
+redis.call('DEL', KEYS[3])
+if #ARGV > 7 then
+  redis.call('RPUSH', KEYS[3], unpack(ARGV, 8))
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[5]), -1)
+end
+"""
+    + _LATENCY_AND_REPLY
+    + _RENEW_AND_RETURN
+)
+
+# KEYS: ep, lat, in, reply, expiry.  ARGV: id, ttl_ms, outcome, note
 _END_LUA = (
     _NOW
     + """
@@ -183,10 +216,11 @@ class RedisEpisodeStore:
         self._create_script = self._redis.register_script(_CREATE_LUA)
         self._step_script = self._redis.register_script(_STEP_LUA)
         self._end_script = self._redis.register_script(_END_LUA)
+        self._resync_script = self._redis.register_script(_RESYNC_LUA)
 
     def _ep_keys(self, episode_id: str) -> list[str]:
         ep = f"{self.prefix}ep:{episode_id}"
-        return [ep, f"{ep}:lat", f"{ep}:in", f"{self.prefix}episodes:expiry"]
+        return [ep, f"{ep}:lat", f"{ep}:in", f"{ep}:reply", f"{self.prefix}episodes:expiry"]
 
     @contextmanager
     def _guard(self, what: str) -> Iterator[None]:
@@ -281,17 +315,57 @@ class RedisEpisodeStore:
         return out[:limit]
 
     async def record_step(
-        self, episode_id: str, seq: int, latency_s: float, inputs: bytes | None = None
+        self,
+        episode_id: str,
+        seq: int,
+        latency_s: float,
+        inputs: bytes | None = None,
+        reply: bytes | None = None,
     ) -> EpisodeRecord:
         """Compare-and-set the episode's seq, then record the step (see EpisodeStore)."""
-        latency = check_step(seq, latency_s)
-        args: list[Any] = [episode_id, self.ttl_ms, str(seq), repr(latency), self.history_cap]
+        args = self._step_args(episode_id, seq, latency_s, reply)
         args += ["0", b""] if inputs is None else ["1", bytes(inputs)]
         with self._guard("record a step"):
-            reply = await self._step_script(keys=self._ep_keys(episode_id), args=args)
+            reply_ = await self._step_script(keys=self._ep_keys(episode_id), args=args)
+        return self._stepped(episode_id, seq, reply_)
+
+    async def resync(
+        self,
+        episode_id: str,
+        seq: int,
+        latency_s: float,
+        inputs: Sequence[bytes],
+        reply: bytes | None = None,
+    ) -> EpisodeRecord:
+        """Move a store that missed steps forward to ``seq`` (see EpisodeStore)."""
+        args = self._step_args(episode_id, seq, latency_s, reply)
+        args += [bytes(x) for x in inputs[-self.history_cap :]]
+        with self._guard("resync an episode"):
+            reply_ = await self._resync_script(keys=self._ep_keys(episode_id), args=args)
+        return self._stepped(episode_id, seq, reply_)
+
+    def _step_args(
+        self, episode_id: str, seq: int, latency_s: float, reply: bytes | None
+    ) -> list[Any]:
+        latency = check_step(seq, latency_s)
+        args: list[Any] = [episode_id, self.ttl_ms, str(seq), repr(latency), self.history_cap]
+        return args + (["0", b""] if reply is None else ["1", bytes(reply)])
+
+    def _stepped(self, episode_id: str, seq: int, reply: list[Any]) -> EpisodeRecord:
         if reply[0] == b"conflict":
             raise StepSeqConflictError(episode_id, int(reply[1]), seq)
         return self._script_record(episode_id, reply)
+
+    async def last_reply(self, episode_id: str) -> tuple[int, bytes] | None:
+        """(seq, reply) of the last recorded step, or None."""
+        keys = self._ep_keys(episode_id)
+        ep, reply_key = keys[0], keys[3]
+        with self._guard("read the last reply"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                last_seq, reply = await pipe.hget(ep, "last_seq").get(reply_key).execute()
+        if last_seq is None:
+            raise not_found(episode_id)
+        return None if reply is None else (int(last_seq), bytes(reply))
 
     async def recent_inputs(self, episode_id: str) -> list[bytes]:
         """The last (at most history_cap) step inputs, oldest first."""

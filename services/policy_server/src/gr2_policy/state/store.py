@@ -124,14 +124,43 @@ class EpisodeStore(Protocol):
         ...
 
     async def record_step(
-        self, episode_id: str, seq: int, latency_s: float, inputs: bytes | None = None
+        self,
+        episode_id: str,
+        seq: int,
+        latency_s: float,
+        inputs: bytes | None = None,
+        reply: bytes | None = None,
     ) -> EpisodeRecord:
         """Advance the episode to ``seq`` iff ``seq == last_seq + 1`` (atomic compare-and-set).
 
         ``latency_s`` [s] is the chunk latency of this step; ``inputs`` the compact step inputs
-        kept (last ``history_cap``) to rebuild the KV cache; None records nothing. Raises
-        SeqConflictError, EpisodeEndedError or EpisodeNotFoundError.
+        kept (last ``history_cap``) to rebuild the KV cache; None records nothing. ``reply``:
+        the encoded answer to this step, kept until the next step so that a retry of the same
+        seq on any replica gets it again (``last_reply``). Raises SeqConflictError,
+        EpisodeEndedError or EpisodeNotFoundError.
         """
+        ...
+
+    async def resync(
+        self,
+        episode_id: str,
+        seq: int,
+        latency_s: float,
+        inputs: Sequence[bytes],
+        reply: bytes | None = None,
+    ) -> EpisodeRecord:
+        """Bring a store that missed steps (it was unreachable) up to ``seq``, forward only.
+
+        The replica that kept serving the episode meanwhile calls this with its own last
+        ``history_cap`` step inputs (oldest first), which replace the stored ones; ``steps``
+        becomes ``seq + 1`` (seqs are consecutive from 0). Raises StepSeqConflictError when
+        the stored ``last_seq >= seq`` (another replica is at least as far), EpisodeEndedError
+        or EpisodeNotFoundError.
+        """
+        ...
+
+    async def last_reply(self, episode_id: str) -> tuple[int, bytes] | None:
+        """(seq, reply) of the last recorded step, or None when it was recorded without one."""
         ...
 
     async def recent_inputs(self, episode_id: str) -> list[bytes]:

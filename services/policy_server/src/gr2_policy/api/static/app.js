@@ -12,6 +12,33 @@ const state = {
 
 const $ = (id) => document.getElementById(id);
 
+// ---- the API key: optional, kept in sessionStorage (this tab only), never in the URL ----
+
+const KEY_STORAGE = "gr2.apiKey";
+
+function apiKey() {
+  try {
+    return sessionStorage.getItem(KEY_STORAGE) || "";
+  } catch (_) {
+    return ""; // storage disabled: no key
+  }
+}
+
+function saveApiKey(key) {
+  try {
+    if (key) sessionStorage.setItem(KEY_STORAGE, key);
+    else sessionStorage.removeItem(KEY_STORAGE);
+  } catch (_) {
+    // storage disabled: the key cannot be kept
+  }
+}
+
+// Request headers for /v1 calls: the Authorization header when a key is set.
+function authHeaders(headers) {
+  const key = apiKey();
+  return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
+}
+
 function showError(message) {
   const box = $("error");
   box.textContent = message;
@@ -42,6 +69,11 @@ function problemMessage(problem, fallback) {
 }
 
 async function responseError(response) {
+  if (response.status === 401) {
+    return apiKey()
+      ? "The server did not accept this API key: check it in the API key field above."
+      : "This server needs an API key: enter it in the API key field above and press “Use key”.";
+  }
   const fallback = `The server answered ${response.status} ${response.statusText}.`;
   const text = await response.text();
   try {
@@ -52,7 +84,7 @@ async function responseError(response) {
 }
 
 async function getJSON(url) {
-  const response = await fetch(url, { headers: { Accept: "application/json" } });
+  const response = await fetch(url, { headers: authHeaders({ Accept: "application/json" }) });
   if (!response.ok) throw new Error(await responseError(response));
   return response.json();
 }
@@ -329,7 +361,7 @@ async function predict(event) {
     const response = await fetch("/v1/predict-video/stream", {
       method: "POST",
       body: request.body,
-      headers: { Accept: "text/event-stream" },
+      headers: authHeaders({ Accept: "text/event-stream" }),
       signal: controller.signal,
     });
     if (!response.ok) throw new Error(await responseError(response));
@@ -364,11 +396,31 @@ async function predict(event) {
 
 // ---- start-up ----
 
+function useKey() {
+  saveApiKey($("api-key").value.trim());
+  loadServer();
+}
+
 async function init() {
   $("predict-form").addEventListener("submit", predict);
   $("sampling").addEventListener("change", () => {
     $("top-k-options").hidden = $("sampling").value !== "top_k";
   });
+  $("api-key").value = apiKey();
+  $("api-key-use").addEventListener("click", useKey);
+  $("api-key").addEventListener("keydown", (event) => {
+    if (event.key === "Enter") {
+      event.preventDefault();
+      useKey();
+    }
+  });
+  await loadServer();
+}
+
+// Model info and samples (again after a new API key): the page is ready when both are in.
+async function loadServer() {
+  document.body.dataset.ready = "false";
+  showError("");
   $("predict").disabled = true;
   try {
     const info = await getJSON("/v1/info");
@@ -377,6 +429,10 @@ async function init() {
     $("model-info").textContent = `Model: ${parts.filter(Boolean).join(" · ")} · views: ${state.views.map((v) => `${v.name} ${v.width}×${v.height}`).join(", ")}`;
     buildRows();
     buildUploads();
+    for (const view of state.views) {
+      const input = state.inputs[view.name]; // chosen before a reload (a new API key)
+      if (input) $(`input-${view.name}`).src = input.url;
+    }
     $("predict").disabled = false;
   } catch (err) {
     $("model-info").textContent = "Model info unavailable.";

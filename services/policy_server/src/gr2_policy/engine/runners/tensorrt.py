@@ -45,7 +45,8 @@ from gr2_policy.engine.runners.onnx_runtime import (
 from gr2_policy.model.step_function import StepFunction
 
 TRT_REQUIREMENT = (
-    "TensorRT runner needs a CUDA GPU and the `tensorrt` package (pip install tensorrt-cu12)"
+    "TensorRT runner needs a CUDA GPU and the `tensorrt` package "
+    "(pip install tensorrt-cu13, matching the CUDA 13 build of torch 2.13)"
 )
 
 
