@@ -175,14 +175,20 @@ class Metrics:
         self.url = url
         self.error: str | None = None
 
-    def _read(self) -> tuple[float, float] | None:
+    def text(self) -> str | None:
+        """The /metrics page; None (and `error` set) when there is none or it failed."""
         if self.url is None:
             return None
         try:
             with urllib.request.urlopen(self.url, timeout=5) as resp:
-                text = resp.read().decode()
+                return resp.read().decode()
         except OSError as err:
             self.error = f"{type(err).__name__}: {err}"
+            return None
+
+    def _read(self) -> tuple[float, float] | None:
+        text = self.text()
+        if text is None:
             return None
         sums = re.findall(rf"^{BATCH_METRIC}_sum(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
         counts = re.findall(rf"^{BATCH_METRIC}_count(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
@@ -275,13 +281,21 @@ class Robot:
             self.errors.append((time.perf_counter(), f"start_episode:{err.code().name}"))
             self.stream = None
 
+    async def close_stream(self) -> None:
+        """Half-close the stream and wait for its status; a failure (recorded with kind
+        `close_stream:CODE`) or a timeout cancels it."""
+        if self.stream is None:
+            return
+        try:
+            await asyncio.wait_for(self.stream.close(), CLOSE_TIMEOUT_S)
+        except (TimeoutError, grpc.aio.AioRpcError) as err:
+            kind = err.code().name if isinstance(err, grpc.aio.AioRpcError) else "TIMEOUT"
+            self.errors.append((time.perf_counter(), f"close_stream:{kind}"))
+            self.stream.cancel()
+        self.stream = None
+
     async def close(self) -> None:
-        if self.stream is not None:
-            try:
-                await asyncio.wait_for(self.stream.close(), CLOSE_TIMEOUT_S)
-            except (TimeoutError, grpc.aio.AioRpcError):
-                self.stream.cancel()
-            self.stream = None
+        await self.close_stream()
         if self.episode_id:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await self.client.end_episode(self.episode_id, pb.EPISODE_OUTCOME_ABORTED)
@@ -324,14 +338,15 @@ def make_robots(
     clients: list[AsyncPolicyClient], info: ServerDescription, n: int, seed: int
 ) -> list[Robot]:
     rng = np.random.default_rng(seed)
-    robots = []
-    for i in range(n):
-        images = {name: rng.integers(0, 256, (h, w, 3), np.uint8) for name, w, h in info.views}
-        obs = make_observation(
-            "", 0, images, [0.45, 0.0, 0.3], [0.0, 1.0, 0.0, 0.0], 0.0, capture_time_s=0.0
-        )
-        robots.append(Robot(i, clients[i % len(clients)], obs))
-    return robots
+    return [Robot(i, clients[i % len(clients)], robot_observation(info, rng)) for i in range(n)]
+
+
+def robot_observation(info: ServerDescription, rng: np.random.Generator) -> pb.Observation:
+    """An observation of random images of the served views, with no episode yet."""
+    images = {name: rng.integers(0, 256, (h, w, 3), np.uint8) for name, w, h in info.views}
+    return make_observation(
+        "", 0, images, [0.45, 0.0, 0.3], [0.0, 1.0, 0.0, 0.0], 0.0, capture_time_s=0.0
+    )
 
 
 def error_summary(robots: list[Robot], t0: float, t1: float) -> dict[str, Any]:
@@ -526,6 +541,36 @@ def start_server(args: argparse.Namespace, env: dict[str, str]) -> SpawnedServer
             time.sleep(0.2)
 
 
+def launch_server(
+    args: argparse.Namespace, env: dict[str, str]
+) -> tuple[SpawnedServer, dict[str, Any]]:
+    """Start the server with `env` and wait until ready; also its settings, for the JSON."""
+    threads = int(env.get("GR2_TORCH_THREADS") or 0)
+    torch_threads = threads or default_torch_threads(env)
+    t_start = time.perf_counter()
+    spawned = start_server(args, env)
+    return spawned, {
+        "mode": "started by this script",
+        "startup_s": round(time.perf_counter() - t_start, 2),
+        "argv": [Path(spawned.argv[0]).name, *spawned.argv[1:]],
+        "server_env_flags": args.server_env,
+        "gr2_env": spawned.env,
+        "torch_threads": torch_threads,
+        "torch_threads_source": "GR2_TORCH_THREADS" if threads else "torch default (probed)",
+        "store": "redis" if env.get("GR2_REDIS_URL") else "in-process",
+    }
+
+
+def stop_server(spawned: SpawnedServer, description: dict[str, Any]) -> None:
+    """Stop a started server; add to its description whether it lived to the end (with its
+    log's tail when not) and its exit code."""
+    alive = spawned.process.poll() is None
+    if not alive:
+        description["log_tail"] = spawned.log_tail()
+    description["exit_code"] = spawned.stop()
+    description["alive_until_end"] = alive
+
+
 def default_torch_threads(env: dict[str, str]) -> int | None:
     """torch's default intra-op thread count in an environment like the server's."""
     try:
@@ -615,6 +660,59 @@ async def run_loads(
         await asyncio.gather(*(c.close() for c in clients))
 
 
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a server this script starts (--server-env, --preset, --torch-threads,
+    --startup-timeout); check them with check_server_arguments."""
+    add = parser.add_argument
+    add(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the started server, repeatable; wins over this "
+        "script's own settings (e.g. GR2_MAX_BATCH_DELAY_MS=2, GR2_RUNNER=onnx, "
+        "GR2_CHECKPOINT=DIR instead of random weights, GR2_DEVICE=cuda)",
+    )
+    add(
+        "--preset",
+        default="gr2-tiny",
+        help="GR2_PRESET of the started server's seeded random weights (gr2-tiny)",
+    )
+    add(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="GR2_TORCH_THREADS of the started server; 0 (default) leaves it to the inherited "
+        "environment or torch's default (one per core). On a quiet 2-core machine 2 threads "
+        "served 133 steps/s at 8 robots; on a busy one, 1 thread avoids OpenMP stalls",
+    )
+    add(
+        "--startup-timeout",
+        type=float,
+        default=180.0,
+        help="seconds to wait for the started server's /readyz (180)",
+    )
+
+
+def check_server_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--server-env only with a started server; parse its KEY=VALUE pairs into a dict."""
+    if args.server and args.server_env:
+        parser.error("--server-env applies only to a server this script starts")
+    try:
+        args.server_env = parse_env_pairs(args.server_env)
+    except argparse.ArgumentTypeError as err:
+        parser.error(str(err))
+
+
+def emit(result: dict[str, Any], out: Path | None) -> None:
+    """Print the result as indented JSON on stdout; also write it to `out` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -667,49 +765,17 @@ def parse_args() -> argparse.Namespace:
         metavar="URL",
         help="Prometheus /metrics of the server (default: the one this script starts)",
     )
-    add(
-        "--server-env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="environment variable for the started server, repeatable; wins over this "
-        "script's own settings (e.g. GR2_MAX_BATCH_DELAY_MS=2, GR2_RUNNER=onnx, "
-        "GR2_CHECKPOINT=DIR instead of random weights, GR2_DEVICE=cuda)",
-    )
-    add(
-        "--preset",
-        default="gr2-tiny",
-        help="GR2_PRESET of the started server's seeded random weights (gr2-tiny)",
-    )
-    add(
-        "--torch-threads",
-        type=int,
-        default=0,
-        help="GR2_TORCH_THREADS of the started server; 0 (default) leaves it to the inherited "
-        "environment or torch's default (one per core). On a quiet 2-core machine 2 threads "
-        "served 133 steps/s at 8 robots; on a busy one, 1 thread avoids OpenMP stalls",
-    )
-    add(
-        "--startup-timeout",
-        type=float,
-        default=180.0,
-        help="seconds to wait for the started server's /readyz (180)",
-    )
+    add_server_arguments(parser)
     add("--out", type=Path, help="also write the JSON to this file")
     args = parser.parse_args()
     unknown = set(args.loads) - {"capacity", "realtime"}
     if unknown or not args.loads:
         parser.error(f"--loads: unknown {sorted(unknown)}; use capacity and/or realtime")
-    if args.server and args.server_env:
-        parser.error("--server-env applies only to a server this script starts")
+    check_server_arguments(parser, args)
     if min(args.duration, args.rt_duration, args.rt_hz) <= 0 or args.warmup < 0:
         parser.error("durations and --rt-hz must be positive, --warmup non-negative")
     if args.rt_robots < 1:
         parser.error("--rt-robots must be at least 1")
-    try:
-        args.server_env = parse_env_pairs(args.server_env)
-    except argparse.ArgumentTypeError as err:
-        parser.error(str(err))
     return args
 
 
@@ -729,41 +795,19 @@ def main() -> int:
         }
         metrics_url = args.metrics_url
     else:
-        env = server_env(args)
-        threads = int(env.get("GR2_TORCH_THREADS") or 0)
-        torch_threads = threads or default_torch_threads(env)
-        t_start = time.perf_counter()
-        spawned = start_server(args, env)
+        spawned, result["server"] = launch_server(args, server_env(args))
         target, metrics_url = spawned.target, args.metrics_url or spawned.metrics_url
-        result["server"] = {
-            "mode": "started by this script",
-            "startup_s": round(time.perf_counter() - t_start, 2),
-            "argv": [Path(spawned.argv[0]).name, *spawned.argv[1:]],
-            "server_env_flags": args.server_env,
-            "gr2_env": spawned.env,
-            "torch_threads": torch_threads,
-            "torch_threads_source": "GR2_TORCH_THREADS" if threads else "torch default (probed)",
-            "store": "redis" if env.get("GR2_REDIS_URL") else "in-process",
-        }
     metrics = Metrics(metrics_url)
     cpu = CpuClock(spawned.process.pid if spawned else None)
     try:
         result.update(asyncio.run(run_loads(target, args, metrics, cpu)))
     finally:
         if spawned is not None:
-            alive = spawned.process.poll() is None
-            if not alive:
-                result["server"]["log_tail"] = spawned.log_tail()
-            result["server"]["exit_code"] = spawned.stop()
-            result["server"]["alive_until_end"] = alive
+            stop_server(spawned, result["server"])
     if metrics.error:
         result["metrics_error"] = metrics.error
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 
