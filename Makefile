@@ -35,7 +35,7 @@ demo: install
 	$(PY) scripts/demo.py --out out/demo
 
 test: install
-	@WITH_BROWSER=1 PYTHON=$(PYTHON) bash scripts/ensure_system_deps.sh
+	@WITH_BROWSER=1 WITH_PROMTOOL=1 PYTHON=$(PYTHON) bash scripts/ensure_system_deps.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
