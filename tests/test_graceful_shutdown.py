@@ -11,19 +11,13 @@ from pathlib import Path
 import grpc
 import pytest
 from gr2_client import AsyncPolicyClient, PolicyClient
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from tests.support.episodes import fixed_observations, for_episode, start_episode
-from tests.support.servers import run_policy_server
+from tests.support.servers import health_status, run_policy_server
 
 GRACE_S = 20.0
 DRAIN_MIN_S = 6.0  # NOT_SERVING and UNAVAILABLE stay observable this long after SIGTERM
-
-
-def health_status(target: str) -> int:
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
 
 
 async def test_sigterm_drains_and_tells_streams_to_move(tmp_path: Path) -> None:

@@ -22,11 +22,11 @@ from gr2.v1 import policy_pb2 as pb
 from gr2.v1 import policy_pb2_grpc as pb_grpc
 from gr2_client import AsyncPolicyClient, PolicyClient, TlsConfig, make_observation
 from gr2_wbc.settings import AgentSettings
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from pydantic import ValidationError
 
 from tests.support.processes import child_env, free_port, script_path
-from tests.support.servers import PolicyServer, run_policy_server
+from tests.support.servers import PolicyServer, health_status, run_policy_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -104,15 +104,6 @@ def mtls_server(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Itera
         env=tls_env(certs, port, mutual=True),
     ) as srv:
         yield TlsServer(srv, port)
-
-
-def health_status(target: str, service: str = "") -> int:
-    """grpc.health.v1 Check over a plaintext channel."""
-    with grpc.insecure_channel(target) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=5
-        )
-    return reply.status
 
 
 def refused(target: str, tls: TlsConfig | None) -> grpc.RpcError:

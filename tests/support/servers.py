@@ -105,3 +105,15 @@ def run_replicas(
             )
             for name in names
         ]
+
+
+def health_status(target: str, service: str = "") -> int:
+    """grpc.health.v1 Check over a plaintext channel (the status enum value)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+    return reply.status
