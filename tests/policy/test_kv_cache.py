@@ -11,11 +11,15 @@ from gr2_policy.model.policy import ActionPrediction
 from gr2_policy.model.rotations import quat_normalize
 from gr2_policy.model.sampling import GREEDY, Sampling
 
+from tests.support.models import lang_conditioned_policy
+
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", params=["gr2-tiny", "gr2-small"])
+@pytest.fixture(scope="module", params=["gr2-tiny", "gr2-small", "lang-conditioned"])
 def policy(request: pytest.FixtureRequest) -> GR2Policy:
+    if request.param == "lang-conditioned":
+        return lang_conditioned_policy(seed=0)
     return init_random_policy(request.param, seed=0)
 
 
@@ -179,9 +183,12 @@ def _cache_state(cache: RollingKVCache) -> list[torch.Tensor]:
 
 @torch.inference_mode()
 @pytest.mark.parametrize("sampling", [GREEDY, Sampling(greedy=False, top_k=20, seed=7)])
+@pytest.mark.parametrize("conditioned", [False, True], ids=["plain", "lang-conditioned"])
 def test_generation_with_cache_equals_generation_without(
-    tiny: GR2Policy, sampling: Sampling
+    tiny: GR2Policy, sampling: Sampling, conditioned: bool
 ) -> None:
+    if conditioned:
+        tiny = lang_conditioned_policy(seed=1)
     cfg = tiny.config
     n_steps = 2 * cfg.history + 1  # the cache has wrapped: generation overwrites live slots
     ep = make_episode(tiny, n_steps, seed=5)

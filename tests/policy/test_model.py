@@ -309,6 +309,26 @@ def test_checkpoint_round_trip_gives_identical_outputs(policy: GR2Policy, tmp_pa
     assert len(model_hash(policy)) == 16
 
 
+def test_a_checkpoint_written_before_lang_to_tokens_loads_as_before(
+    policy: GR2Policy, tmp_path: Path
+) -> None:
+    """config.json files older than an added field (ADDED_FIELDS) load as the architecture
+    they were written for; the field itself round-trips and adds one Linear."""
+    save_checkpoint(policy, tmp_path / "old")
+    _edit_config(tmp_path / "old", lambda d: d.pop("lang_to_tokens"))
+    loaded = load_checkpoint(tmp_path / "old")
+    assert loaded.config == policy.config and not loaded.config.lang_to_tokens
+    assert loaded.gpt.image_lang is None and loaded.gpt.act_lang is None
+    window = make_window(policy)
+    assert max_diff(predict(policy, window), predict(loaded, window)) == 0.0
+    conditioned = GR2Policy(GR2Config(lang_to_tokens=True, text_encoder="words"))
+    save_checkpoint(conditioned, tmp_path / "new")
+    again = load_checkpoint(tmp_path / "new")
+    assert again.config.lang_to_tokens and again.config.text_encoder == "words"
+    assert {"gpt.image_lang.weight", "gpt.act_lang.weight"} <= set(again.state_dict())
+    assert not any(n.startswith("text_encoder.") for n in again.state_dict())
+
+
 def test_model_hash_changes_with_any_weight(policy: GR2Policy) -> None:
     other = init_random_policy("gr2-tiny", 0)
     assert model_hash(other) == model_hash(policy)

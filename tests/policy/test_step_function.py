@@ -11,6 +11,7 @@ from gr2_policy.engine.runners import make_runner
 from gr2_policy.model import GR2Policy, init_random_policy
 from gr2_policy.model.step_function import StepFunction
 
+from tests.support.models import lang_conditioned_policy
 from tests.support.runner_parity import (
     EpisodeActions,
     aligned,
@@ -49,6 +50,15 @@ def test_eager_runner_equals_the_in_place_step(
     got = runner_actions(policy, runner, tokens, states, FIRST_STEPS)
     assert max_abs(got, expected) < 1e-4
     assert cosine(got, expected) >= 0.999
+
+
+def test_eager_runner_keeps_parity_with_language_on_the_tokens() -> None:
+    conditioned = lang_conditioned_policy(seed=0)
+    tokens, states = episode_inputs(conditioned, STEPS, len(FIRST_STEPS))
+    expected = reference_actions(conditioned, tokens, states, FIRST_STEPS)
+    runner = make_runner("eager", StepFunction(conditioned), device=torch.device("cpu"))
+    got = runner_actions(conditioned, runner, tokens, states, FIRST_STEPS)
+    assert max_abs(got, expected) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])

@@ -27,7 +27,7 @@ from gr2_policy.model.bpe import (
 )
 from gr2_policy.model.clip_text import CLIPTextEncoder, load_clip_text_weights
 from gr2_policy.model.config import GR2Config
-from gr2_policy.model.text_encoder import ByteTextEncoder, build_text_encoder
+from gr2_policy.model.text_encoder import ByteTextEncoder, HashedWordEncoder, build_text_encoder
 from safetensors.torch import load_file, save_file
 
 MAX_LEN = 16
@@ -422,6 +422,32 @@ def test_byte_encoder_is_unchanged(tmp_path: Path) -> None:
     with torch.device("meta"):
         meta = build_text_encoder(cfg)
     assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in encoder.parameters())
+
+
+# -- hashed words encoder ----------------------------------------------------------------
+
+
+def test_words_encoder_tells_instructions_apart_and_is_the_same_everywhere() -> None:
+    cfg = GR2Config(text_encoder="words")
+    encoder = build_text_encoder(cfg)
+    assert isinstance(encoder, HashedWordEncoder)
+    assert encoder.state_dict() == {} and list(encoder.parameters()) == []
+    texts = ["touch the red block", "touch the blue block", "Touch  the RED block!", ""]
+    emb = encoder.encode(texts)
+    assert emb.shape == (4, cfg.text_dim) and emb.dtype == torch.float32
+    assert torch.equal(emb[0], emb[2])  # case and punctuation do not matter
+    cos = torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=0)
+    assert 0.5 < float(cos) < 0.9  # 3 of 4 words shared: ~0.75
+    # The vectors come from the word alone: a fresh encoder (another process) agrees.
+    assert torch.equal(HashedWordEncoder(cfg.text_dim).encode(texts), emb)
+    assert torch.equal(emb[3], encoder.word_vector(""))
+    # It follows the policy's dtype (a float16 checkpoint) without weights to convert.
+    assert encoder.to(torch.float16).encode(texts[:1]).dtype == torch.float16
+
+
+def test_words_encoder_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="words text encoder needs text_embed_dim"):
+        GR2Config(text_encoder="words", text_embed_dim=64)
 
 
 def test_policy_checkpoint_with_clip_text_encoder_round_trips(

@@ -15,7 +15,10 @@ from typing import Any
 RAW_STATE_DIM = 8
 # Encoded state / action per step: position (3) + 6-D rotation (6) + gripper (1).
 ENCODED_STATE_DIM = 10
-TEXT_ENCODERS = ("byte", "clip")
+TEXT_ENCODERS = ("byte", "clip", "words")
+# Fields added after checkpoints were first written, each with the value that means the
+# architecture before it: a config.json without them still loads, as that architecture.
+ADDED_FIELDS: dict[str, Any] = {"lang_to_tokens": False}
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,13 @@ class GR2Config:
     action_head_layers: int = 2
     action_head_heads: int = 4
     action_position_scale_m: float = 0.1  # metres per unit of raw position output
-    # The frozen text encoder: "byte" (built-in byte-level transformer) or "clip" (CLIP's
-    # text tower, weights loaded from a local directory).
+    # Add learned projections of [LANG] to every image token's embedding and to the [ACT]
+    # query, so that finding what the instruction names takes one attention hop, not two
+    # (see GR2GPT.embed_images and GR2GPT.act_queries).
+    lang_to_tokens: bool = False
+    # The frozen text encoder: "byte" (built-in byte-level transformer), "words" (a fixed
+    # random vector per word, no weights) or "clip" (CLIP's text tower, weights loaded from a
+    # local directory).
     text_encoder: str = "byte"
     text_max_len: int = 64  # tokens, including BOS (and EOS for clip)
     text_dim: int = 128  # transformer width
@@ -88,6 +96,8 @@ class GR2Config:
             problems.append(
                 "the byte text encoder needs text_vocab_size 258, text_embed_dim = text_dim"
             )
+        elif self.text_encoder == "words" and self.text_embed_dim != self.text_dim:
+            problems.append("the words text encoder needs text_embed_dim = text_dim")
         for dim, heads, name in (
             (self.d_model, self.n_heads, "d_model"),
             (self.text_dim, self.text_heads, "text_dim"),
@@ -155,11 +165,13 @@ class GR2Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GR2Config:
-        """Strict inverse of ``to_dict``: unknown or missing fields raise ValueError."""
+        """Strict inverse of ``to_dict``: unknown or missing fields raise ValueError (a
+        missing field of ``ADDED_FIELDS`` takes its old-architecture value)."""
         if not isinstance(data, dict):
             raise ValueError(f"config must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
+        data = {**{k: v for k, v in ADDED_FIELDS.items() if k not in data}, **data}
         missing = sorted(names - set(data))
         if unknown:
             raise ValueError(f"unknown config field(s): {unknown}")

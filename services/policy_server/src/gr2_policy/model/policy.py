@@ -126,7 +126,9 @@ class GR2Policy(nn.Module):
         codes = self.vqgan.code_vectors(image_tokens.reshape(b, t, -1))
         state_in = encode_states(torch.where(state_valid[..., None], states, 0.0))
         return self.gpt.assemble_steps(
-            lang, self.gpt.embed_images(codes), self.gpt.embed_state(state_in, state_valid)
+            lang,
+            self.gpt.embed_images(codes, lang),
+            self.gpt.embed_state(state_in, state_valid),
         )
 
     # -- full forward ------------------------------------------------------------------
@@ -250,7 +252,9 @@ class GR2Policy(nn.Module):
                     hidden, _ = self.gpt.forward_cached(x, cache, step, u, with_act=False)
                     token = sample_tokens(self.gpt.image_logits(hidden[:, -1]), sampling, generator)
                     out[:, u] = token
-                    x = self.gpt.embed_images(self.vqgan.code_vectors(token)[:, None], start=u)
+                    x = self.gpt.embed_images(
+                        self.vqgan.code_vectors(token)[:, None], lang, start=u
+                    )
                     if u + 1 < vn:
                         yield None
                 if frame + 1 < num_frames:  # complete the step: last image token + [STATE]

@@ -107,9 +107,9 @@ class StepFunction(nn.Module):
         x = torch.cat(
             (
                 lang[:, None],
-                gpt.embed_images(codes),
+                gpt.embed_images(codes, lang),
                 state_emb[:, None],
-                gpt.act_query.expand(b, 1, d),
+                gpt.act_queries(lang, 1),
             ),
             dim=1,
         )  # (B, P+1, d)

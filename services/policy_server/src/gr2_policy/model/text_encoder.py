@@ -5,12 +5,18 @@ implementation named by ``GR2Config.text_encoder``:
 
 - "byte": ``ByteTextEncoder``, small and built in (UTF-8 bytes, no vocabulary file), so a
   model is self-contained;
+- "words": ``HashedWordEncoder``, no weights at all: a fixed pseudo-random vector per word,
+  averaged. Instructions that differ in one word ("red" / "blue") get clearly different
+  embeddings (cosine ~0.75 for four-word instructions), where the untrained byte encoder
+  gives 0.92-0.94 and the policy learns to follow the instruction far more slowly;
 - "clip": ``gr2_policy.model.clip_text.CLIPTextEncoder``, CLIP's text tower, whose BPE
   tokenizer files (vocab.json + merges.txt) travel with the checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -98,6 +104,52 @@ class ByteTextEncoder(TextEncoder):
         return (x * weights).sum(dim=1) / weights.sum(dim=1)
 
 
+class HashedWordEncoder(TextEncoder):
+    """Lower-cased words (``\\w+`` runs) -> the mean of one fixed vector per word.
+
+    A word's vector is N(0, 1)^dim drawn from a generator seeded with the SHA-256 of the
+    word, so it is the same in every process and on every machine, needs no vocabulary file
+    and exists for any word (an unseen word gets a vector the policy never learned to read).
+    A text with no word gets the vector of the empty string.
+    """
+
+    WORD = re.compile(r"\w+")
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self._dim = dim
+        self._vectors: dict[str, Tensor] = {}
+        self.register_buffer("_device", torch.empty(0), persistent=False)  # follows .to()
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def save_tokenizer(self, directory: Path) -> None:
+        """No-op: there are no files."""
+
+    def load_tokenizer(self, directory: Path) -> None:
+        """No-op: there are no files."""
+
+    def words(self, text: str) -> list[str]:
+        return self.WORD.findall(text.lower()) or [""]
+
+    def word_vector(self, word: str) -> Tensor:
+        """The fixed (dim,) float32 vector of ``word``, on CPU."""
+        vector = self._vectors.get(word)
+        if vector is None:
+            seed = int.from_bytes(hashlib.sha256(word.encode("utf-8")).digest()[:8], "little")
+            generator = torch.Generator().manual_seed(seed)
+            vector = torch.randn(self._dim, generator=generator)
+            self._vectors[word] = vector
+        return vector
+
+    def encode(self, texts: list[str]) -> Tensor:
+        """texts (B strings) -> (B, dim): the mean of each text's word vectors."""
+        rows = [torch.stack([self.word_vector(w) for w in self.words(t)]).mean(0) for t in texts]
+        return torch.stack(rows).to(self._device.device, self._device.dtype)
+
+
 def build_text_encoder(cfg: GR2Config) -> TextEncoder:
     """The text encoder ``cfg`` names, freshly initialised (works under a meta device).
 
@@ -106,6 +158,8 @@ def build_text_encoder(cfg: GR2Config) -> TextEncoder:
     """
     if cfg.text_encoder == "byte":
         return ByteTextEncoder(cfg.text_dim, cfg.text_layers, cfg.text_heads, cfg.text_max_len)
+    if cfg.text_encoder == "words":
+        return HashedWordEncoder(cfg.text_dim)
     if cfg.text_encoder == "clip":
         from gr2_policy.model.clip_text import CLIPTextEncoder  # lazy: clip_text imports us
 
