@@ -279,6 +279,50 @@ def test_text_encoder_trains_with_the_gpt_when_asked(runs: dict[str, Path], tmp_
     assert json.loads((out / "run.json").read_text())["stage_data"]["text_encoder"] == "train"
 
 
+def test_override_changes_the_init_models_architecture_keeping_what_fits(
+    runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ft_lang"
+    args = ("--init", str(runs["pretrain"]), "--steps", "2", "--batch-size", "2")
+    overrides = ("--override", "lang_to_tokens=true", "--override", "text_encoder=words")
+    assert train("finetune", runs["data"], out, *args, *overrides) == 0
+    err = capsys.readouterr().err
+    fresh = "gpt.act_lang.bias, gpt.act_lang.weight, gpt.image_lang.bias, gpt.image_lang.weight"
+    assert f"4 tensors initialised afresh ({fresh})" in err
+    model = load_checkpoint(out / "checkpoint")
+    assert model.config.lang_to_tokens and model.config.text_encoder == "words"
+    before = load_file(runs["pretrain"] / "checkpoint" / "model.safetensors")
+    after = load_file(out / "checkpoint" / "model.safetensors")
+    assert not any(n.startswith("text_encoder.") for n in after)  # the byte encoder's dropped
+    vq = [n for n in before if n.startswith("vqgan.")]
+    assert vq and all(torch.equal(before[n], after[n]) for n in vq)
+    for name in ("gpt.image_lang.weight", "gpt.act_lang.weight"):  # zero at init, trained
+        assert float(after[name].abs().max()) > 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["overrides"] == {"lang_to_tokens": True, "text_encoder": "words"}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("codebook_size=256", "tokenizer fields are fixed by --init"),
+        ("dropout=0.1", "dropout"),
+        ("text_encoder=gpt9", "text_encoder must be one of"),
+    ],
+)
+def test_bad_overrides_are_refused(
+    runs: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    override: str,
+    message: str,
+) -> None:
+    args = ("--init", str(runs["pretrain"]), "--steps", "1", "--override", override)
+    assert train("finetune", runs["data"], tmp_path / "o", *args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o" / "checkpoint").exists()
+
+
 def test_tokenizer_reports_reconstruction_and_codebook_usage(runs: dict[str, Path]) -> None:
     lines = read_metrics(runs["tokenizer"] / "metrics.jsonl")
     assert {"reconstruction", "codebook", "commitment", "codebook_usage", "perplexity"} <= set(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The bundled demo checkpoint (gr2_policy/checkpoints/demo): scripted-expert demonstrations, then
-# the three GR-2 training stages on gr2-tiny, on CPU (about 2.5 h on 2 cores).
+# the GR-2 training stages on gr2-tiny, on CPU (about 2 h on 2 cores).
 #
 #   bash training/recipes/demo_gr2_tiny.sh [WORK]       # WORK defaults to runs/demo
 #   ABLATION=1 bash training/recipes/demo_gr2_tiny.sh   # also fine-tunes without pre-training
@@ -9,8 +9,13 @@
 # interruption. The order matters: the tokenizer and the video pre-training saw the first 900
 # demonstrations (300 per task); the extra touch demonstrations are added for fine-tuning. They
 # show every block of a scene as the target (--targets all): with one drawn target per scene, a
-# model could learn "this layout -> that block" from the images and ignore the instruction
-# (gr2_training.probe measured exactly that: chance-level grounding on unseen scenes).
+# model could learn "this layout -> that block" from the images and ignore the instruction.
+#
+# Fine-tuning is a curriculum (README, "The demo model"): first touch scenes with only the target
+# block left (gr2-curriculum one-block), where the block's position is the target; then a 50/50
+# mix of those and the real three-block scenes, with the instruction on every token
+# (--override lang_to_tokens=true) and the words text encoder (--override text_encoder=words);
+# then mostly real scenes (350 one-block + 1500 real).
 set -euo pipefail
 WORK=${1:-runs/demo}
 BIN=${BIN:-.venv/bin}
@@ -33,9 +38,18 @@ stage() {  # stage NAME RUN_DIR ARGS...
     fi
     local resume=()
     [ -f "$run/run.json" ] && resume=(--resume)
-    "$BIN/gr2-train" "$name" --out "$run" --seed 0 --no-progress --save-every 250 \
+    "$BIN/gr2-train" "$name" --out "$run" --seed 0 --no-progress --save-every 300 \
         "${resume[@]}" "$@"
 }
+
+curriculum() {  # curriculum OUT ARGS...: skipped when OUT holds a dataset
+    [ -f "$1/index.jsonl" ] && { echo "gr2-curriculum: done ($1)"; return; }
+    rm -rf "$1"
+    "$BIN/gr2-curriculum" "${@:2}"
+}
+
+# Touch fine-tuning clips: 4 steps, half of them from an episode's first step, actions only.
+TOUCH=(--tasks touch --clip-length 4 --batch-size 16 --start-fraction 0.5 --image-weight 0)
 
 # 1. 300 demonstrations per task on training seeds 0..299
 datagen touch,pick,push 300
@@ -44,13 +58,27 @@ stage tokenizer "$WORK/tok" --data "$WORK/data" --preset gr2-tiny --steps 1500 -
 stage pretrain "$WORK/pre" --data "$WORK/data" --init "$WORK/tok" --steps 1000 --precision bf16
 # 4. touch: every block of seeds 0..499 as the target (1500; 1200 new): 2100 episodes in all
 datagen touch 1500 --targets all
-# 5. robot fine-tuning (video + CVAE actions) from the pre-trained model
-stage finetune "$WORK/ft" --data "$WORK/data" --init "$WORK/pre" --steps 5000 --precision bf16 \
-    --save-dtype float16
-# 6. the ablation: the same fine-tuning budget from the tokenizer run (no video pre-training)
+# 5. the curriculum data: the 1500 touch episodes with one block; 700 of those + 700 real ones;
+#    350 of those + all 1500 real ones
+curriculum "$WORK/one_block" one-block --data "$WORK/data" --out "$WORK/one_block"
+curriculum "$WORK/mixed" mix --out "$WORK/mixed" --take 700 "$WORK/one_block" "$WORK/data"
+curriculum "$WORK/mostly_real" mix --out "$WORK/mostly_real" --take 350 --take 1500 \
+    "$WORK/one_block" "$WORK/data"
+
+finetune() {  # finetune INIT OUT: the three fine-tuning steps (the same for the ablation)
+    stage finetune "${2}_one" --data "$WORK/one_block" --init "$1" "${TOUCH[@]}" --steps 900 \
+        --lr 1e-3 --warmup 50
+    stage finetune "${2}_mixed" --data "$WORK/mixed" --init "${2}_one" "${TOUCH[@]}" \
+        --steps 3000 --lr 5e-4 --warmup 50 --override text_encoder=words \
+        --override lang_to_tokens=true
+    stage finetune "$2" --data "$WORK/mostly_real" --init "${2}_mixed" "${TOUCH[@]}" \
+        --steps 2400 --lr 5e-4 --warmup 50 --save-dtype float16
+}
+# 6. robot fine-tuning from the pre-trained model
+finetune "$WORK/pre" "$WORK/ft"
+# 7. the ablation: the same fine-tuning budget from the tokenizer run (no video pre-training)
 if [ "${ABLATION:-0}" = 1 ]; then
-    stage finetune "$WORK/ft_no_pretrain" --data "$WORK/data" --init "$WORK/tok" --steps 5000 \
-        --precision bf16 --save-dtype float16
+    finetune "$WORK/tok" "$WORK/ft_no_pretrain"
 fi
 echo "done: $WORK/ft/checkpoint (bundle it: cp $WORK/ft/checkpoint/* \\"
 echo "      services/policy_server/src/gr2_policy/checkpoints/demo/)"

@@ -17,6 +17,7 @@ leaves a half-written one where --resume would pick it up.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -73,6 +74,55 @@ def load_policy(path: Path, device: torch.device) -> GR2Policy:
         return load_checkpoint(path, device=str(device))
     except CheckpointError as err:
         raise TrainingError(str(err)) from None
+
+
+# Fields a GPT stage may not --override: they fix the image tokens (and the token caches).
+TOKENIZER_FIELDS = (
+    "views",
+    "image_size",
+    "vq_downsample",
+    "codebook_size",
+    "codebook_dim",
+    "vq_channels",
+    "vq_channel_mult",
+    "vq_res_blocks",
+    "vq_attention",
+)
+
+
+def reconfigure(policy: GR2Policy, overrides: dict[str, Any], seed: int) -> GR2Policy:
+    """``policy`` with some GR2Config fields changed (e.g. ``lang_to_images``, or another
+    ``text_encoder``): every tensor whose name and shape still exist is copied, the others
+    are freshly initialised (with ``seed``). A tokenizer field cannot change."""
+    fixed = sorted(set(overrides) & set(TOKENIZER_FIELDS))
+    if fixed:
+        raise TrainingError(
+            f"--override {', '.join(fixed)}: tokenizer fields are fixed by --init (train a "
+            "new tokenizer to change them)"
+        )
+    try:
+        config = dataclasses.replace(policy.config, **overrides)
+    except (TypeError, ValueError) as err:
+        raise TrainingError(f"--override {overrides}: {err}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = GR2Policy(config)
+    old = policy.state_dict()
+    state = new.state_dict()
+    for name, tensor in state.items():
+        if name in old and old[name].shape == tensor.shape:
+            state[name] = old[name]
+    new.load_state_dict(state, strict=True)
+    if config.text_encoder == policy.config.text_encoder:  # e.g. CLIP's BPE tables
+        new.text_encoder = policy.text_encoder
+    return new.to(next(policy.parameters()).device)
+
+
+def reconfigure_report(before: GR2Policy, after: GR2Policy) -> dict[str, list[str]]:
+    """Tensor names initialised afresh and dropped by ``reconfigure``."""
+    old, new = before.state_dict(), after.state_dict()
+    fresh = [n for n, t in new.items() if n not in old or old[n].shape != t.shape]
+    return {"initialised": sorted(fresh), "dropped": sorted(set(old) - set(new))}
 
 
 def init_stage(path: Path) -> str | None:

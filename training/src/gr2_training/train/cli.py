@@ -134,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
             help="weights to start from: a checkpoint or a run directory (its checkpoint/)",
         )
         p.add_argument(
+            "--override",
+            action="append",
+            type=_override,
+            default=[],
+            metavar="KEY=VALUE",
+            help="change one GR2Config field of the --init model (repeatable), e.g. "
+            "lang_to_images=true or text_encoder=words; tensors that still fit are kept, "
+            "new ones start fresh (tokenizer fields cannot change)",
+        )
+        p.add_argument(
             "--clip-length",
             type=int,
             default=None,
@@ -184,8 +194,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     values = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__}
     values["progress"] = not args.no_progress
     values["tasks"] = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    if args.stage == "tokenizer":
-        values["overrides"] = dict(args.override)
+    values["overrides"] = dict(args.override)
     return Settings(**values)
 
 

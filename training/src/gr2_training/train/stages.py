@@ -13,6 +13,7 @@ step) returns the loss terms (so DistributedDataParallel wraps it), and step bat
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict
@@ -36,7 +37,12 @@ from torch import Tensor, nn
 
 from gr2_training.dataset import EpisodeDataset
 from gr2_training.train import data as data_mod
-from gr2_training.train.checkpointing import load_policy, resolve_init
+from gr2_training.train.checkpointing import (
+    load_policy,
+    reconfigure,
+    reconfigure_report,
+    resolve_init,
+)
 from gr2_training.train.distributed import DistInfo, barrier, shard
 from gr2_training.train.errors import TrainingError
 from gr2_training.train.settings import Settings
@@ -72,7 +78,20 @@ class Stage(ABC):
         """The starting weights of a fresh run (from --init)."""
         if not self.settings.init:
             raise TrainingError(f"{self.name} needs --init (a checkpoint or a run directory)")
-        return load_policy(resolve_init(self.settings.init), self.info.device)
+        policy = load_policy(resolve_init(self.settings.init), self.info.device)
+        if not self.settings.overrides:
+            return policy
+        new = reconfigure(policy, self.settings.overrides, self.settings.seed)
+        if self.info.is_main:
+            report = reconfigure_report(policy, new)
+            print(
+                f"gr2-train {self.name}: --override {self.settings.overrides}: "
+                f"{len(report['initialised'])} tensors initialised afresh "
+                f"({', '.join(report['initialised']) or 'none'}), "
+                f"{len(report['dropped'])} dropped",
+                file=sys.stderr,
+            )
+        return new
 
     @abstractmethod
     def prepare(
