@@ -438,7 +438,7 @@ def test_words_encoder_tells_instructions_apart_and_is_the_same_everywhere() -> 
     assert torch.equal(emb[0], emb[2])  # case and punctuation do not matter
     cos = torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=0)
     assert 0.5 < float(cos) < 0.9  # 3 of 4 words shared: ~0.75
-    # The vectors come from the word alone: a fresh encoder (another process) agrees.
+    # The vectors come from the word alone: a fresh encoder (no shared state) agrees.
     assert torch.equal(HashedWordEncoder(cfg.text_dim).encode(texts), emb)
     assert torch.equal(emb[3], encoder.word_vector(""))
     # It follows the policy's dtype (a float16 checkpoint) without weights to convert.

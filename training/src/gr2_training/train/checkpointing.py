@@ -91,7 +91,7 @@ TOKENIZER_FIELDS = (
 
 
 def reconfigure(policy: GR2Policy, overrides: dict[str, Any], seed: int) -> GR2Policy:
-    """``policy`` with some GR2Config fields changed (e.g. ``lang_to_images``, or another
+    """``policy`` with some GR2Config fields changed (e.g. ``lang_to_tokens``, or another
     ``text_encoder``): every tensor whose name and shape still exist is copied, the others
     are freshly initialised (with ``seed``). A tokenizer field cannot change."""
     fixed = sorted(set(overrides) & set(TOKENIZER_FIELDS))

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=[],
             metavar="KEY=VALUE",
             help="change one GR2Config field of the --init model (repeatable), e.g. "
-            "lang_to_images=true or text_encoder=words; tensors that still fit are kept, "
+            "lang_to_tokens=true or text_encoder=words; tensors that still fit are kept, "
             "new ones start fresh (tokenizer fields cannot change)",
         )
         p.add_argument(
