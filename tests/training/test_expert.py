@@ -14,13 +14,17 @@ from gr2_policy.model.config import GR2Config
 from gr2_training import datagen
 from gr2_training.dataset import EpisodeDataset
 from gr2_training.expert import (
+    DETOUR_KINDS,
     CartesianPlan,
     EpisodeSpec,
     Keyframe,
     demonstrate,
+    draw_detour,
     grasp_yaw,
+    run_expert,
 )
 from gr2_wbc.kinematics.rotations import quat_to_matrix, rot_z, rotation_error
+from gr2_wbc.robots.sim.backend import MujocoGen3
 from gr2_wbc.tasks import EVAL_SEED_START, get_task
 
 SEEDS = (0, 1, 2)
@@ -114,6 +118,50 @@ def test_actions_are_the_tool_pose_after_each_step() -> None:
     assert episode.extra["expert"] != other.extra["expert"]
 
 
+@pytest.mark.parametrize("task", ["touch", "pick", "push"])
+def test_detour_demonstration_goes_astray_then_solves_the_task(task: str) -> None:
+    """A recovery demonstration visits its detour point, is unlabelled until it gets there,
+    and then solves the task with every remaining step labelled."""
+    instance = get_task(task).sample(3)
+    episode = run_expert(instance, max_seconds=25.0, detour=True)
+    assert episode.success, episode.extra["task"]
+    assert episode.extra["watchdog_trips"] == 0 and episode.extra["qp_failures"] == 0
+    detour = episode.extra["detour"]
+    assert detour["kind"] in DETOUR_KINDS
+    labelled = episode.action_valid.any(axis=1)
+    first = int(np.argmax(labelled))
+    assert first > 0 and labelled[first:].all() and not labelled[:first].any()
+    since_start = episode.times - episode.times[0]
+    assert since_start[first] >= detour["end_s"] - 1e-6 > since_start[first - 1]
+    # The tool got to the detour point (within tracking error and the 0.2 s between
+    # observations), which is off the way the plain demonstration takes.
+    to_detour = np.linalg.norm(episode.states[:, :3] - detour["position"], axis=1)
+    assert to_detour.min() < 0.04
+    plain = demonstrate(task, 3)
+    assert np.linalg.norm(plain.states[:, :3] - detour["position"], axis=1).min() > 0.1
+    assert episode.steps > plain.steps
+
+
+def test_detours_cover_every_kind_inside_the_workspace() -> None:
+    instance = get_task("touch").sample(0)
+    sim = MujocoGen3(seed=0)
+    try:
+        target = sim.block_pose(instance.colour)[:3, 3]
+        start = sim.read_state().ee_position
+        rng = np.random.default_rng(0)
+        detours = [draw_detour(instance, sim, rng) for _ in range(200)]
+    finally:
+        sim.close()
+    assert {d.kind for d in detours} == set(DETOUR_KINDS)
+    points = np.stack([d.position for d in detours])
+    assert points[:, 0].min() >= 0.12 and points[:, 0].max() <= 0.88
+    assert np.abs(points[:, 1]).max() <= 0.58 and points[:, 2].min() > target[2] + 0.06
+    for d in detours:
+        if d.kind == "overshoot":  # beyond the target, seen from the start
+            heading = target[:2] - start[:2]
+            assert (d.position[:2] - target[:2]) @ heading > 0
+
+
 def test_datagen_round_trips_and_resumes(tmp_path, capsys) -> None:
     out = tmp_path / "data"
     argv = ["--tasks", "touch,push", "--episodes-per-task", "1", "--out", str(out), "--quiet"]
@@ -159,6 +207,13 @@ def test_datagen_round_trips_and_resumes(tmp_path, capsys) -> None:
     assert sorted(i.instruction for i in touch_zero) == sorted(
         t.instruction for t in get_task("touch").instances(0)
     )
+    # --detour: recovery demonstrations, in their own dataset.
+    argv_detour = ["--tasks", "touch", "--episodes-per-task", "1", "--quiet", "--detour"]
+    assert datagen.main([*argv_detour, "--out", str(tmp_path / "recovery")]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == 1
+    (recovered,) = list(EpisodeDataset(tmp_path / "recovery"))
+    assert recovered.info.extra["detour"]["kind"] in DETOUR_KINDS
+    assert not recovered.action_valid[0].any() and recovered.action_valid[-1].all()
     with pytest.raises(SystemExit, match="held out"):
         datagen.main([*argv, "--seed-start", str(EVAL_SEED_START)])
     with pytest.raises(SystemExit, match="unknown task"):

@@ -1,8 +1,8 @@
 """`gr2-datagen`: scripted-expert demonstrations of the sim tasks, written as a dataset.
 
     gr2-datagen --tasks touch,pick,push --episodes-per-task 200 --out data/sim
-                [--seed-start 0] [--targets drawn|all] [--keep-failures] [--workers 2]
-                [--preset gr2-tiny]
+                [--seed-start 0] [--targets drawn|all] [--detour] [--keep-failures]
+                [--workers 2] [--preset gr2-tiny]
 
 For each task, seeds ``seed-start``, ``seed-start + 1``, ... are demonstrated by
 :mod:`gr2_training.expert` until the dataset holds ``--episodes-per-task`` episodes of that
@@ -15,6 +15,12 @@ one evaluation uses for a held-out seed; ``all`` demonstrates every instance the
 allows (``Task.instances``: each block as the target). With ``all`` the dataset holds the same
 first frame under different instructions, so a model cannot tell those episodes apart from the
 images alone and has to ground the instruction.
+
+``--detour``: recovery demonstrations. Each episode first takes the tool a wrong way (past
+the target, above another block, anywhere in the workspace) and then does the task from
+there; the steps before the detour point is reached carry no action labels, so a model learns
+the way back (see :mod:`gr2_training.expert`). Give them their own ``--out`` and mix them with
+plain demonstrations (``gr2-curriculum mix``); they take longer, so raise ``--time-limit``.
 
 Resumable: re-running the same command continues the dataset; (task, seed, instruction)
 already in the index or in the failure list are skipped, so an interrupted run loses at most
@@ -89,13 +95,13 @@ class TaskTally:
         }
 
 
-def _demonstrate(job: tuple[TaskInstance, EpisodeSpec, float]) -> ExpertEpisode:
+def _demonstrate(job: tuple[TaskInstance, EpisodeSpec, float, bool]) -> ExpertEpisode:
     """Worker: one expert episode (module level so a process pool can pickle it)."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     from gr2_training.expert import run_expert
 
-    instance, spec, max_seconds = job
-    return run_expert(instance, spec, max_seconds=max_seconds)
+    instance, spec, max_seconds, detour = job
+    return run_expert(instance, spec, max_seconds=max_seconds, detour=detour)
 
 
 def _read_failures(root: Path) -> set[tuple[str, int, str]]:
@@ -133,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TARGETS,
         default="drawn",
         help="per seed: the drawn instance only (default), or every block as the target",
+    )
+    parser.add_argument(
+        "--detour",
+        action="store_true",
+        help="recovery demonstrations: a wrong way first, labelled only on the way back",
     )
     parser.add_argument(
         "--keep-failures", action="store_true", help="also write failed demonstrations"
@@ -188,9 +199,13 @@ def _jobs(
 
 
 def _run_round(
-    pool: Executor | None, jobs: list[TaskInstance], spec: EpisodeSpec, limit_s: float
+    pool: Executor | None,
+    jobs: list[TaskInstance],
+    spec: EpisodeSpec,
+    limit_s: float,
+    detour: bool,
 ) -> Iterator[tuple[TaskInstance, ExpertEpisode]]:
-    payload = [(instance, spec, limit_s) for instance in jobs]
+    payload = [(instance, spec, limit_s, detour) for instance in jobs]
     results = pool.map(_demonstrate, payload) if pool else map(_demonstrate, payload)
     yield from zip(jobs, results, strict=True)
 
@@ -238,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(t.remaining for t in tallies.values())
     print(
         f"[gr2-datagen] {args.out}: {len(existing)} episodes already, {total} to write "
-        f"({', '.join(tasks)}; seeds from {args.seed_start}, targets: {args.targets})",
+        f"({', '.join(tasks)}; seeds from {args.seed_start}, targets: {args.targets}"
+        f"{', with detours' if args.detour else ''})",
         file=sys.stderr,
         flush=True,
     )
@@ -252,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs = _jobs(tallies, done, limit, EVAL_SEED_START, args.targets)
             if not jobs:
                 break
-            for instance, episode in _run_round(pool, jobs, spec, args.time_limit):
+            for instance, episode in _run_round(pool, jobs, spec, args.time_limit, args.detour):
                 task, seed = instance.name, instance.seed
                 tally = tallies[task]
                 tally.attempts += 1

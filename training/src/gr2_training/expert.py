@@ -23,6 +23,13 @@ the task's own physical check) or at ``max_seconds``; it is a success only if th
 succeeded and the check still holds at the last step (a block that slipped out is a failure).
 Each seed varies the expert a little (speeds, approach height, grasp and touch heights, small
 offsets and pauses), so demonstrations of one task are not copies of each other.
+
+Recovery demonstrations (``detour=True``, DART/DAgger-style): the expert first takes the tool
+somewhere it should not go (past the target, above another block, or anywhere in the
+workspace; :func:`draw_detour`), then does the task from there. The steps observed before
+the detour point is reached get no action labels (``action_valid`` False), so a model trained
+on them learns only the way back, from states and motion histories that the plain
+demonstrations never show: a closed-loop policy that strays has seen its way home.
 """
 
 from __future__ import annotations
@@ -168,6 +175,59 @@ class CartesianPlan:
 
 
 @dataclass(frozen=True)
+class Detour:
+    """The wrong way a recovery demonstration goes first (see the module docstring).
+
+    Attributes:
+        kind: ``overshoot`` (past the target, along the line from the start),
+            ``other_block`` (above a block that is not the target) or ``anywhere``.
+        position: where the tool goes [m], base frame (3,).
+        speed: average speed of the detour move [m/s].
+    """
+
+    kind: str
+    position: np.ndarray
+    speed: float
+
+
+DETOUR_KINDS = ("overshoot", "other_block", "anywhere")
+# Detour points stay inside the agent's workspace box (controller.WORKSPACE_*), 2 cm in, where
+# a straying policy ends up, and high enough above the blocks not to touch or push any.
+_DETOUR_X_M = (0.12, 0.88)
+_DETOUR_Y_M = (-0.58, 0.58)
+_DETOUR_CLEARANCE_M = (0.05, 0.16)  # above a block's top face
+
+
+def draw_detour(instance: TaskInstance, sim: MujocoGen3, rng: np.random.Generator) -> Detour:
+    """A detour for ``instance`` in ``sim`` now: overshoot half the time, another block or
+    anywhere a quarter each."""
+    start = sim.read_state().ee_position
+    target = sim.block_pose(instance.colour)[:3, 3]
+    kind = DETOUR_KINDS[int(rng.choice(3, p=[0.5, 0.25, 0.25]))]
+    if kind == "overshoot":
+        heading = target[:2] - start[:2]
+        norm = float(np.linalg.norm(heading))
+        u = heading / norm if norm > 1e-6 else np.array([1.0, 0.0])
+        side = np.array([-u[1], u[0]])
+        xy = target[:2] + u * rng.uniform(0.06, 0.40) + side * rng.uniform(-0.06, 0.06)
+    elif kind == "other_block":
+        others = [c for c in scene.BLOCK_COLOURS if c != instance.colour]
+        other = sim.block_pose(others[int(rng.integers(len(others)))])[:3, 3]
+        xy = other[:2] + rng.uniform(-0.02, 0.02, size=2)
+    else:
+        xy = np.array([rng.uniform(*_DETOUR_X_M), rng.uniform(*_DETOUR_Y_M)])
+    xy = np.clip(xy, [_DETOUR_X_M[0], _DETOUR_Y_M[0]], [_DETOUR_X_M[1], _DETOUR_Y_M[1]])
+    z = _TOP_Z + rng.uniform(*_DETOUR_CLEARANCE_M)
+    return Detour(kind, np.array([xy[0], xy[1], z]), float(rng.uniform(0.10, 0.20)))
+
+
+def detour_for(instance: TaskInstance, sim: MujocoGen3) -> Detour:
+    """The detour of ``instance`` (deterministic per task and seed)."""
+    salt = zlib.crc32(f"detour/{instance.name}/{instance.colour}".encode())
+    return draw_detour(instance, sim, np.random.default_rng([instance.seed, salt]))
+
+
+@dataclass(frozen=True)
 class ExpertStyle:
     """Per-episode variation of the expert (drawn from the seed by :meth:`draw`).
 
@@ -225,8 +285,11 @@ def grasp_yaw(block_pose: np.ndarray, start_rotation: np.ndarray) -> float:
     return (delta + math.pi / 4) % (math.pi / 2) - math.pi / 4
 
 
-def plan_episode(instance: TaskInstance, sim: MujocoGen3, style: ExpertStyle) -> CartesianPlan:
-    """The expert's plan for ``instance`` in ``sim`` now (from the true block pose)."""
+def plan_episode(
+    instance: TaskInstance, sim: MujocoGen3, style: ExpertStyle, detour: Detour | None = None
+) -> CartesianPlan:
+    """The expert's plan for ``instance`` in ``sim`` now (from the true block pose); with a
+    ``detour``, its first keyframe is the detour point and the task starts from there."""
     state = sim.read_state()
     start = state.ee_position
     pose = sim.block_pose(instance.colour)
@@ -244,6 +307,12 @@ def plan_episode(instance: TaskInstance, sim: MujocoGen3, style: ExpertStyle) ->
     def hold(duration: float, gripper: float) -> None:
         last = keys[-1]
         keys.append(Keyframe(duration, last.position, last.yaw, gripper))
+
+    if detour is not None:
+        # Gripper as the task starts (push goes with it closed); yaw 0: pick turns on the way.
+        duration = _move_time(start, detour.position, detour.speed)
+        gripper = 1.0 if instance.name == "push" else 0.0
+        keys.append(Keyframe(duration, detour.position, 0.0, gripper))
 
     if instance.name == "touch":
         above = np.array([aim[0], aim[1], top[2] + style.approach_height])
@@ -366,15 +435,17 @@ def run_expert(
     max_seconds: float = 15.0,
     settle_s: float = SUCCESS_SETTLE_S,
     style: ExpertStyle | None = None,
+    detour: bool = False,
 ) -> ExpertEpisode:
     """Demonstrate ``instance`` in a fresh ``MujocoGen3(instance.seed)`` through the agent's
-    control loop; see the module docstring for what is recorded."""
+    control loop; see the module docstring for what is recorded (and ``detour``)."""
     spec = spec or EpisodeSpec()
     style = style or style_for(instance)
     wall0 = time.perf_counter()
     sim = MujocoGen3(seed=instance.seed)
     try:
-        return _run(instance, sim, spec, style, max_seconds, settle_s, wall0)
+        way = detour_for(instance, sim) if detour else None
+        return _run(instance, sim, spec, style, way, max_seconds, settle_s, wall0)
     finally:
         sim.close()
 
@@ -384,12 +455,13 @@ def _run(
     sim: MujocoGen3,
     spec: EpisodeSpec,
     style: ExpertStyle,
+    detour: Detour | None,
     max_seconds: float,
     settle_s: float,
     wall0: float,
 ) -> ExpertEpisode:
     period = spec.step_period_s
-    plan = plan_episode(instance, sim, style)
+    plan = plan_episode(instance, sim, style, detour)
     config = LoopConfig(
         rate_hz=spec.rate_hz,
         realtime=False,
@@ -442,6 +514,8 @@ def _run(
     record = recorder.arrays()
     times = np.array([o.capture_time_s for o in observations])
     actions, valid = action_targets(record, times, plan, spec.action_horizon, spec.waypoint_dt_s)
+    if detour is not None:  # no labels until the detour point is reached: only the way back
+        valid[times < plan.times[1] - 1e-9] = False
     success = monitor.success and final.success
     extra = {
         "expert": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(style).items()},
@@ -452,6 +526,13 @@ def _run(
         "max_tracking_error_m": stats["max_tracking_error_m"],
         "wall_s": time.perf_counter() - wall0,
     }
+    if detour is not None:
+        extra["detour"] = {
+            "kind": detour.kind,
+            "position": detour.position.tolist(),
+            "speed": detour.speed,
+            "end_s": float(plan.times[1] - plan.t0),
+        }
     return ExpertEpisode(
         instance=instance,
         success=bool(success),
