@@ -13,13 +13,12 @@ import pytest
 from gr2_policy.model.config import GR2Config
 from gr2_training import datagen
 from gr2_training.dataset import EpisodeDataset
+from gr2_training.detours import DEFAULT_DETOURS, DETOUR_KINDS, draw_detour
 from gr2_training.expert import (
-    DETOUR_KINDS,
     CartesianPlan,
     EpisodeSpec,
     Keyframe,
     demonstrate,
-    draw_detour,
     grasp_yaw,
     run_expert,
 )
@@ -123,7 +122,7 @@ def test_detour_demonstration_goes_astray_then_solves_the_task(task: str) -> Non
     """A recovery demonstration visits its detour point, is unlabelled until it gets there,
     and then solves the task with every remaining step labelled."""
     instance = get_task(task).sample(3)
-    episode = run_expert(instance, max_seconds=25.0, detour=True)
+    episode = run_expert(instance, max_seconds=25.0, detour=DEFAULT_DETOURS)
     assert episode.success, episode.extra["task"]
     assert episode.extra["watchdog_trips"] == 0 and episode.extra["qp_failures"] == 0
     detour = episode.extra["detour"]
@@ -142,6 +141,27 @@ def test_detour_demonstration_goes_astray_then_solves_the_task(task: str) -> Non
     assert episode.steps > plain.steps
 
 
+def test_wrong_block_detour_comes_down_on_another_block_then_touches_the_target() -> None:
+    instance = get_task("touch").sample(5)
+    episode = run_expert(instance, max_seconds=25.0, detour=("wrong_block",))
+    assert episode.success, episode.extra["task"]
+    detour = episode.extra["detour"]
+    assert detour["kind"] == "wrong_block" and 0.2 <= detour["hold_s"] <= 1.0
+    sim = MujocoGen3(seed=5)
+    try:
+        blocks = {c: sim.block_pose(c)[:3, 3] for c in ("red", "green", "blue")}
+    finally:
+        sim.close()
+    # The last unlabelled step is at the other block, low: as if touching it.
+    last_astray = episode.states[int(np.argmax(episode.action_valid.any(axis=1))) - 1, :3]
+    nearest = min(blocks, key=lambda c: np.linalg.norm(blocks[c][:2] - last_astray[:2]))
+    assert nearest != instance.colour
+    assert np.linalg.norm(blocks[nearest][:2] - last_astray[:2]) < 0.03
+    assert last_astray[2] < blocks[nearest][2] + 0.02 + 0.02  # centre + half size + clearance
+    # ... and the episode ends on the target.
+    assert np.linalg.norm(blocks[instance.colour][:2] - episode.states[-1, :2]) < 0.02
+
+
 def test_detours_cover_every_kind_inside_the_workspace() -> None:
     instance = get_task("touch").sample(0)
     sim = MujocoGen3(seed=0)
@@ -149,14 +169,21 @@ def test_detours_cover_every_kind_inside_the_workspace() -> None:
         target = sim.block_pose(instance.colour)[:3, 3]
         start = sim.read_state().ee_position
         rng = np.random.default_rng(0)
-        detours = [draw_detour(instance, sim, rng) for _ in range(200)]
+        detours = [draw_detour(instance, sim, rng, DETOUR_KINDS) for _ in range(200)]
+        with pytest.raises(ValueError, match="unknown detour kind"):
+            draw_detour(instance, sim, rng, ("sideways",))
     finally:
         sim.close()
     assert {d.kind for d in detours} == set(DETOUR_KINDS)
-    points = np.stack([d.position for d in detours])
+    points = np.concatenate([d.waypoints for d in detours])
     assert points[:, 0].min() >= 0.12 and points[:, 0].max() <= 0.88
-    assert np.abs(points[:, 1]).max() <= 0.58 and points[:, 2].min() > target[2] + 0.06
+    assert np.abs(points[:, 1]).max() <= 0.58
     for d in detours:
+        if d.kind == "wrong_block":  # above the block, then down on it, then a pause
+            assert d.waypoints[0, 2] > target[2] + 0.06 and d.waypoints[1, 2] < target[2] + 0.04
+            assert d.hold_s > 0 and np.linalg.norm(d.position[:2] - target[:2]) > 0.05
+        else:  # high enough to pass over every block
+            assert len(d.waypoints) == 1 and d.position[2] > target[2] + 0.06
         if d.kind == "overshoot":  # beyond the target, seen from the start
             heading = target[:2] - start[:2]
             assert (d.position[:2] - target[:2]) @ heading > 0
@@ -214,6 +241,10 @@ def test_datagen_round_trips_and_resumes(tmp_path, capsys) -> None:
     (recovered,) = list(EpisodeDataset(tmp_path / "recovery"))
     assert recovered.info.extra["detour"]["kind"] in DETOUR_KINDS
     assert not recovered.action_valid[0].any() and recovered.action_valid[-1].all()
+    assert recovered.info.extra["detour"]["kind"] in DEFAULT_DETOURS
+    with pytest.raises(SystemExit, match="unknown detour kind"):
+        datagen.main([*argv_detour, "sideways", "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
     with pytest.raises(SystemExit, match="held out"):
         datagen.main([*argv, "--seed-start", str(EVAL_SEED_START)])
     with pytest.raises(SystemExit, match="unknown task"):

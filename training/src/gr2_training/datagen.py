@@ -1,8 +1,8 @@
 """`gr2-datagen`: scripted-expert demonstrations of the sim tasks, written as a dataset.
 
     gr2-datagen --tasks touch,pick,push --episodes-per-task 200 --out data/sim
-                [--seed-start 0] [--targets drawn|all] [--detour] [--keep-failures]
-                [--workers 2] [--preset gr2-tiny]
+                [--seed-start 0] [--targets drawn|all] [--detour [KINDS]]
+                [--keep-failures] [--workers 2] [--preset gr2-tiny]
 
 For each task, seeds ``seed-start``, ``seed-start + 1``, ... are demonstrated by
 :mod:`gr2_training.expert` until the dataset holds ``--episodes-per-task`` episodes of that
@@ -16,11 +16,14 @@ allows (``Task.instances``: each block as the target). With ``all`` the dataset 
 first frame under different instructions, so a model cannot tell those episodes apart from the
 images alone and has to ground the instruction.
 
-``--detour``: recovery demonstrations. Each episode first takes the tool a wrong way (past
-the target, above another block, anywhere in the workspace) and then does the task from
-there; the steps before the detour point is reached carry no action labels, so a model learns
-the way back (see :mod:`gr2_training.expert`). Give them their own ``--out`` and mix them with
-plain demonstrations (``gr2-curriculum mix``); they take longer, so raise ``--time-limit``.
+``--detour [KINDS]``: recovery demonstrations. Each episode first takes the tool a wrong way
+and then does the task from there; the steps before the detour is over carry no action
+labels, so a model learns the way back (see :mod:`gr2_training.expert`). KINDS is a
+comma-separated subset of ``overshoot`` (past the target), ``other_block`` (above another
+block), ``anywhere`` (in the workspace) and ``wrong_block`` (down onto another block and a
+pause there); plain ``--detour`` means the first three. Give them their own ``--out`` and
+mix them with plain demonstrations (``gr2-curriculum mix``); they take longer, so raise
+``--time-limit``.
 
 Resumable: re-running the same command continues the dataset; (task, seed, instruction)
 already in the index or in the failure list are skipped, so an interrupted run loses at most
@@ -52,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from gr2_training.dataset import DatasetError, DatasetMeta, DatasetWriter, EpisodeDataset
+from gr2_training.detours import DEFAULT_DETOURS, DETOUR_KINDS
 
 if TYPE_CHECKING:
     from gr2_wbc.tasks import TaskInstance
@@ -95,7 +99,9 @@ class TaskTally:
         }
 
 
-def _demonstrate(job: tuple[TaskInstance, EpisodeSpec, float, bool]) -> ExpertEpisode:
+def _demonstrate(
+    job: tuple[TaskInstance, EpisodeSpec, float, tuple[str, ...]],
+) -> ExpertEpisode:
     """Worker: one expert episode (module level so a process pool can pickle it)."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     from gr2_training.expert import run_expert
@@ -142,8 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--detour",
-        action="store_true",
-        help="recovery demonstrations: a wrong way first, labelled only on the way back",
+        nargs="?",
+        const=",".join(DEFAULT_DETOURS),
+        default="",
+        metavar="KINDS",
+        help="recovery demonstrations: a wrong way first, labelled only on the way back; "
+        f"KINDS of {', '.join(DETOUR_KINDS)} (default {','.join(DEFAULT_DETOURS)})",
     )
     parser.add_argument(
         "--keep-failures", action="store_true", help="also write failed demonstrations"
@@ -203,7 +213,7 @@ def _run_round(
     jobs: list[TaskInstance],
     spec: EpisodeSpec,
     limit_s: float,
-    detour: bool,
+    detour: tuple[str, ...],
 ) -> Iterator[tuple[TaskInstance, ExpertEpisode]]:
     payload = [(instance, spec, limit_s, detour) for instance in jobs]
     results = pool.map(_demonstrate, payload) if pool else map(_demonstrate, payload)
@@ -227,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"--seed-start must be in [0, {EVAL_SEED_START}): seeds from {EVAL_SEED_START} on "
             "are held out for evaluation"
+        )
+    detour = tuple(k.strip() for k in args.detour.split(",") if k.strip())
+    unknown_detours = [k for k in detour if k not in DETOUR_KINDS]
+    if unknown_detours:
+        raise SystemExit(
+            f"unknown detour kind(s) {unknown_detours}; known: {', '.join(DETOUR_KINDS)}"
         )
     n = args.episodes_per_task
     limit = args.max_attempts if args.max_attempts is not None else 2 * n + 10
@@ -254,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"[gr2-datagen] {args.out}: {len(existing)} episodes already, {total} to write "
         f"({', '.join(tasks)}; seeds from {args.seed_start}, targets: {args.targets}"
-        f"{', with detours' if args.detour else ''})",
+        f"{', detours: ' + ','.join(detour) if detour else ''})",
         file=sys.stderr,
         flush=True,
     )
@@ -268,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs = _jobs(tallies, done, limit, EVAL_SEED_START, args.targets)
             if not jobs:
                 break
-            for instance, episode in _run_round(pool, jobs, spec, args.time_limit, args.detour):
+            for instance, episode in _run_round(pool, jobs, spec, args.time_limit, detour):
                 task, seed = instance.name, instance.seed
                 tally = tallies[task]
                 tally.attempts += 1

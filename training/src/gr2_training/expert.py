@@ -24,12 +24,12 @@ succeeded and the check still holds at the last step (a block that slipped out i
 Each seed varies the expert a little (speeds, approach height, grasp and touch heights, small
 offsets and pauses), so demonstrations of one task are not copies of each other.
 
-Recovery demonstrations (``detour=True``, DART/DAgger-style): the expert first takes the tool
-somewhere it should not go (past the target, above another block, or anywhere in the
-workspace; :func:`draw_detour`), then does the task from there. The steps observed before
-the detour point is reached get no action labels (``action_valid`` False), so a model trained
-on them learns only the way back, from states and motion histories that the plain
-demonstrations never show: a closed-loop policy that strays has seen its way home.
+Recovery demonstrations (``detour=KINDS``, DART/DAgger-style): the expert first takes the
+tool somewhere it should not go (past the target, above another block, anywhere in the
+workspace, or down onto another block; :mod:`gr2_training.detours`), then does the task from there.
+The steps observed before the detour is over get no action labels (``action_valid`` False),
+so a model trained on them learns only the way back, from states and motion histories that
+the plain demonstrations never show: a closed-loop policy that strays has seen its way home.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ from gr2_wbc.tasks import (
     block_extents,
     sample_task,
 )
+
+from gr2_training.detours import Detour, detour_for
 
 _HALF = scene.BLOCK_SIZE_M / 2
 _TOP_Z = scene.TABLE_TOP_Z_M + scene.BLOCK_SIZE_M  # a block's top face when resting [m]
@@ -175,59 +177,6 @@ class CartesianPlan:
 
 
 @dataclass(frozen=True)
-class Detour:
-    """The wrong way a recovery demonstration goes first (see the module docstring).
-
-    Attributes:
-        kind: ``overshoot`` (past the target, along the line from the start),
-            ``other_block`` (above a block that is not the target) or ``anywhere``.
-        position: where the tool goes [m], base frame (3,).
-        speed: average speed of the detour move [m/s].
-    """
-
-    kind: str
-    position: np.ndarray
-    speed: float
-
-
-DETOUR_KINDS = ("overshoot", "other_block", "anywhere")
-# Detour points stay inside the agent's workspace box (controller.WORKSPACE_*), 2 cm in, where
-# a straying policy ends up, and high enough above the blocks not to touch or push any.
-_DETOUR_X_M = (0.12, 0.88)
-_DETOUR_Y_M = (-0.58, 0.58)
-_DETOUR_CLEARANCE_M = (0.05, 0.16)  # above a block's top face
-
-
-def draw_detour(instance: TaskInstance, sim: MujocoGen3, rng: np.random.Generator) -> Detour:
-    """A detour for ``instance`` in ``sim`` now: overshoot half the time, another block or
-    anywhere a quarter each."""
-    start = sim.read_state().ee_position
-    target = sim.block_pose(instance.colour)[:3, 3]
-    kind = DETOUR_KINDS[int(rng.choice(3, p=[0.5, 0.25, 0.25]))]
-    if kind == "overshoot":
-        heading = target[:2] - start[:2]
-        norm = float(np.linalg.norm(heading))
-        u = heading / norm if norm > 1e-6 else np.array([1.0, 0.0])
-        side = np.array([-u[1], u[0]])
-        xy = target[:2] + u * rng.uniform(0.06, 0.40) + side * rng.uniform(-0.06, 0.06)
-    elif kind == "other_block":
-        others = [c for c in scene.BLOCK_COLOURS if c != instance.colour]
-        other = sim.block_pose(others[int(rng.integers(len(others)))])[:3, 3]
-        xy = other[:2] + rng.uniform(-0.02, 0.02, size=2)
-    else:
-        xy = np.array([rng.uniform(*_DETOUR_X_M), rng.uniform(*_DETOUR_Y_M)])
-    xy = np.clip(xy, [_DETOUR_X_M[0], _DETOUR_Y_M[0]], [_DETOUR_X_M[1], _DETOUR_Y_M[1]])
-    z = _TOP_Z + rng.uniform(*_DETOUR_CLEARANCE_M)
-    return Detour(kind, np.array([xy[0], xy[1], z]), float(rng.uniform(0.10, 0.20)))
-
-
-def detour_for(instance: TaskInstance, sim: MujocoGen3) -> Detour:
-    """The detour of ``instance`` (deterministic per task and seed)."""
-    salt = zlib.crc32(f"detour/{instance.name}/{instance.colour}".encode())
-    return draw_detour(instance, sim, np.random.default_rng([instance.seed, salt]))
-
-
-@dataclass(frozen=True)
 class ExpertStyle:
     """Per-episode variation of the expert (drawn from the seed by :meth:`draw`).
 
@@ -289,7 +238,7 @@ def plan_episode(
     instance: TaskInstance, sim: MujocoGen3, style: ExpertStyle, detour: Detour | None = None
 ) -> CartesianPlan:
     """The expert's plan for ``instance`` in ``sim`` now (from the true block pose); with a
-    ``detour``, its first keyframe is the detour point and the task starts from there."""
+    ``detour``, its first keyframes are the detour's and the task starts from there."""
     state = sim.read_state()
     start = state.ee_position
     pose = sim.block_pose(instance.colour)
@@ -310,9 +259,12 @@ def plan_episode(
 
     if detour is not None:
         # Gripper as the task starts (push goes with it closed); yaw 0: pick turns on the way.
-        duration = _move_time(start, detour.position, detour.speed)
         gripper = 1.0 if instance.name == "push" else 0.0
-        keys.append(Keyframe(duration, detour.position, 0.0, gripper))
+        for point in detour.waypoints:
+            duration = _move_time(keys[-1].position if keys else start, point, detour.speed)
+            keys.append(Keyframe(duration, point, 0.0, gripper))
+        if detour.hold_s > 0.0:
+            hold(detour.hold_s, gripper)
 
     if instance.name == "touch":
         above = np.array([aim[0], aim[1], top[2] + style.approach_height])
@@ -435,16 +387,18 @@ def run_expert(
     max_seconds: float = 15.0,
     settle_s: float = SUCCESS_SETTLE_S,
     style: ExpertStyle | None = None,
-    detour: bool = False,
+    detour: tuple[str, ...] = (),
 ) -> ExpertEpisode:
     """Demonstrate ``instance`` in a fresh ``MujocoGen3(instance.seed)`` through the agent's
-    control loop; see the module docstring for what is recorded (and ``detour``)."""
+    control loop; see the module docstring for what is recorded. ``detour``: the kinds of
+    detour to draw from (:data:`gr2_training.detours.DETOUR_WEIGHTS`); empty for a plain
+    demonstration."""
     spec = spec or EpisodeSpec()
     style = style or style_for(instance)
     wall0 = time.perf_counter()
     sim = MujocoGen3(seed=instance.seed)
     try:
-        way = detour_for(instance, sim) if detour else None
+        way = detour_for(instance, sim, tuple(detour)) if detour else None
         return _run(instance, sim, spec, style, way, max_seconds, settle_s, wall0)
     finally:
         sim.close()
@@ -514,8 +468,9 @@ def _run(
     record = recorder.arrays()
     times = np.array([o.capture_time_s for o in observations])
     actions, valid = action_targets(record, times, plan, spec.action_horizon, spec.waypoint_dt_s)
-    if detour is not None:  # no labels until the detour point is reached: only the way back
-        valid[times < plan.times[1] - 1e-9] = False
+    if detour is not None:  # no labels until the detour is over: only the way back
+        detour_end = plan.times[len(detour.waypoints) + (detour.hold_s > 0.0)]
+        valid[times < detour_end - 1e-9] = False
     success = monitor.success and final.success
     extra = {
         "expert": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(style).items()},
@@ -530,8 +485,10 @@ def _run(
         extra["detour"] = {
             "kind": detour.kind,
             "position": detour.position.tolist(),
+            "waypoints": detour.waypoints.tolist(),
             "speed": detour.speed,
-            "end_s": float(plan.times[1] - plan.t0),
+            "hold_s": detour.hold_s,
+            "end_s": float(detour_end - plan.t0),
         }
     return ExpertEpisode(
         instance=instance,

@@ -1,0 +1,105 @@
+"""Detours for recovery demonstrations: where the scripted expert goes wrong first.
+
+A detour is drawn per episode from the sim's true block poses (see
+:mod:`gr2_training.expert`, which plans it ahead of the task and leaves the steps before it
+ends unlabelled). The kinds mimic how a closed-loop policy strays: it overshoots the target,
+heads for or comes down on another block, or wanders off.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from gr2_wbc.robots.sim import scene
+
+if TYPE_CHECKING:
+    from gr2_wbc.robots.sim.backend import MujocoGen3
+    from gr2_wbc.tasks import TaskInstance
+
+_TOP_Z = scene.TABLE_TOP_Z_M + scene.BLOCK_SIZE_M  # a block's top face when resting [m]
+
+
+@dataclass(frozen=True)
+class Detour:
+    """The wrong way a recovery demonstration goes first (see the module docstring).
+
+    Attributes:
+        kind: one of :data:`DETOUR_WEIGHTS`: ``overshoot`` (past the target, along the line
+            from the start), ``other_block`` (above a block that is not the target),
+            ``anywhere`` (in the workspace), ``wrong_block`` (down onto another block, as if
+            touching it, and a pause there).
+        waypoints: where the tool goes, in order [m], base frame (n, 3).
+        speed: average speed of the detour moves [m/s].
+        hold_s: pause at the last waypoint [s].
+    """
+
+    kind: str
+    waypoints: np.ndarray
+    speed: float
+    hold_s: float = 0.0
+
+    @property
+    def position(self) -> np.ndarray:
+        """Where the detour ends [m] (3,)."""
+        return self.waypoints[-1]
+
+
+DETOUR_WEIGHTS = {"overshoot": 0.5, "other_block": 0.25, "anywhere": 0.25, "wrong_block": 0.25}
+"""Detour kinds and their relative frequency when several are allowed."""
+DETOUR_KINDS = tuple(DETOUR_WEIGHTS)
+DEFAULT_DETOURS = ("overshoot", "other_block", "anywhere")
+# Detour points stay inside the agent's workspace box (controller.WORKSPACE_*), 2 cm in, where
+# a straying policy ends up, and high enough above the blocks not to touch or push any (but
+# wrong_block, which comes down on a block from above it).
+_DETOUR_X_M = (0.12, 0.88)
+_DETOUR_Y_M = (-0.58, 0.58)
+_DETOUR_CLEARANCE_M = (0.05, 0.16)  # above a block's top face
+
+
+def draw_detour(
+    instance: TaskInstance,
+    sim: MujocoGen3,
+    rng: np.random.Generator,
+    kinds: tuple[str, ...] = DEFAULT_DETOURS,
+) -> Detour:
+    """A detour for ``instance`` in ``sim`` now, of one of ``kinds`` (drawn by
+    :data:`DETOUR_WEIGHTS`)."""
+    unknown = [k for k in kinds if k not in DETOUR_WEIGHTS]
+    if not kinds or unknown:
+        raise ValueError(f"unknown detour kind(s) {unknown}; known: {', '.join(DETOUR_KINDS)}")
+    start = sim.read_state().ee_position
+    target = sim.block_pose(instance.colour)[:3, 3]
+    weights = np.array([DETOUR_WEIGHTS[k] for k in kinds])
+    kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+    others = [c for c in scene.BLOCK_COLOURS if c != instance.colour]
+    if kind == "overshoot":
+        heading = target[:2] - start[:2]
+        norm = float(np.linalg.norm(heading))
+        u = heading / norm if norm > 1e-6 else np.array([1.0, 0.0])
+        side = np.array([-u[1], u[0]])
+        xy = target[:2] + u * rng.uniform(0.06, 0.40) + side * rng.uniform(-0.06, 0.06)
+    elif kind in ("other_block", "wrong_block"):
+        other = sim.block_pose(others[int(rng.integers(len(others)))])[:3, 3]
+        xy = other[:2] + rng.uniform(-0.02, 0.02, size=2)
+    else:
+        xy = np.array([rng.uniform(*_DETOUR_X_M), rng.uniform(*_DETOUR_Y_M)])
+    xy = np.clip(xy, [_DETOUR_X_M[0], _DETOUR_Y_M[0]], [_DETOUR_X_M[1], _DETOUR_Y_M[1]])
+    z = _TOP_Z + rng.uniform(*_DETOUR_CLEARANCE_M)
+    speed = float(rng.uniform(0.10, 0.20))
+    if kind != "wrong_block":
+        return Detour(kind, np.array([[xy[0], xy[1], z]]), speed)
+    # Come down on the other block from above it, as a touch would (1 cm from its centre).
+    low = np.array([*(xy + rng.uniform(-0.01, 0.01, size=2)), _TOP_Z + rng.uniform(0.004, 0.012)])
+    waypoints = np.array([[xy[0], xy[1], z], low])
+    return Detour(kind, waypoints, speed, hold_s=float(rng.uniform(0.2, 1.0)))
+
+
+def detour_for(
+    instance: TaskInstance, sim: MujocoGen3, kinds: tuple[str, ...] = DEFAULT_DETOURS
+) -> Detour:
+    """The detour of ``instance`` (deterministic per task, seed and ``kinds``)."""
+    salt = zlib.crc32(f"detour/{instance.name}/{instance.colour}".encode())
+    return draw_detour(instance, sim, np.random.default_rng([instance.seed, salt]), kinds)
