@@ -15,7 +15,9 @@
 # block left (gr2-curriculum one-block), where the block's position is the target; then a 50/50
 # mix of those and the real three-block scenes, with the instruction on every token
 # (--override lang_to_tokens=true) and the words text encoder (--override text_encoder=words);
-# then mostly real scenes (350 one-block + 1500 real).
+# then mostly real scenes (350 one-block + 1500 real); last, those and 900 recovery
+# demonstrations (gr2-datagen --detour: a wrong way first, labelled only on the way back), so the
+# closed-loop policy has seen its way back when it strays.
 set -euo pipefail
 WORK=${1:-runs/demo}
 BIN=${BIN:-.venv/bin}
@@ -64,19 +66,27 @@ curriculum "$WORK/one_block" one-block --data "$WORK/data" --out "$WORK/one_bloc
 curriculum "$WORK/mixed" mix --out "$WORK/mixed" --take 700 "$WORK/one_block" "$WORK/data"
 curriculum "$WORK/mostly_real" mix --out "$WORK/mostly_real" --take 350 --take 1500 \
     "$WORK/one_block" "$WORK/data"
+# 6. recovery demonstrations (overshoot the target / go above another block / wander off first),
+#    every block of seeds 500..799 as the target, and the last mix
+"$BIN/gr2-datagen" --tasks touch --episodes-per-task 900 --targets all --seed-start 500 \
+    --detour --time-limit 25 --out "$WORK/recovery" --workers 2
+curriculum "$WORK/with_recovery" mix --out "$WORK/with_recovery" --take 1850 --take 900 \
+    "$WORK/mostly_real" "$WORK/recovery"
 
-finetune() {  # finetune INIT OUT: the three fine-tuning steps (the same for the ablation)
+finetune() {  # finetune INIT OUT: the four fine-tuning steps (the same for the ablation)
     stage finetune "${2}_one" --data "$WORK/one_block" --init "$1" "${TOUCH[@]}" --steps 900 \
         --lr 1e-3 --warmup 50
     stage finetune "${2}_mixed" --data "$WORK/mixed" --init "${2}_one" "${TOUCH[@]}" \
         --steps 3000 --lr 5e-4 --warmup 50 --override text_encoder=words \
         --override lang_to_tokens=true
-    stage finetune "$2" --data "$WORK/mostly_real" --init "${2}_mixed" "${TOUCH[@]}" \
+    stage finetune "${2}_real" --data "$WORK/mostly_real" --init "${2}_mixed" "${TOUCH[@]}" \
         --steps 2400 --lr 5e-4 --warmup 50 --save-dtype float16
+    stage finetune "$2" --data "$WORK/with_recovery" --init "${2}_real" "${TOUCH[@]}" \
+        --steps 1500 --lr 5e-4 --warmup 50 --save-dtype float16
 }
-# 6. robot fine-tuning from the pre-trained model
+# 7. robot fine-tuning from the pre-trained model
 finetune "$WORK/pre" "$WORK/ft"
-# 7. the ablation: the same fine-tuning budget from the tokenizer run (no video pre-training)
+# 8. the ablation: the same fine-tuning budget from the tokenizer run (no video pre-training)
 if [ "${ABLATION:-0}" = 1 ]; then
     finetune "$WORK/tok" "$WORK/ft_no_pretrain"
 fi
