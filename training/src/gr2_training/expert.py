@@ -26,10 +26,11 @@ offsets and pauses), so demonstrations of one task are not copies of each other.
 
 Recovery demonstrations (``detour=KINDS``, DART/DAgger-style): the expert first takes the
 tool somewhere it should not go (past the target, above another block, anywhere in the
-workspace, or down onto another block; :mod:`gr2_training.detours`), then does the task from there.
-The steps observed before the detour is over get no action labels (``action_valid`` False),
-so a model trained on them learns only the way back, from states and motion histories that
-the plain demonstrations never show: a closed-loop policy that strays has seen its way home.
+workspace, or down onto another block; :mod:`gr2_training.detours`), then does the task from
+there. The steps observed before the detour is over get no action labels (``action_valid``
+False), so a model trained on them learns only the way back, from states and motion histories
+that the plain demonstrations never show: a closed-loop policy that strays has seen its way
+home.
 """
 
 from __future__ import annotations
