@@ -91,7 +91,8 @@ def draw_detour(
     speed = float(rng.uniform(0.10, 0.20))
     if kind != "wrong_block":
         return Detour(kind, np.array([[xy[0], xy[1], z]]), speed)
-    # Come down on the other block from above it, as a touch would (1 cm from its centre).
+    # Come down on the other block from above it, as a touch would (within 1 cm of the point
+    # above, itself within 2 cm of the block's centre).
     low = np.array([*(xy + rng.uniform(-0.01, 0.01, size=2)), _TOP_Z + rng.uniform(0.004, 0.012)])
     waypoints = np.array([[xy[0], xy[1], z], low])
     return Detour(kind, waypoints, speed, hold_s=float(rng.uniform(0.2, 1.0)))
