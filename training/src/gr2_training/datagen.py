@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from gr2_training.dataset import DatasetError, DatasetMeta, DatasetWriter, EpisodeDataset
-from gr2_training.detours import DEFAULT_DETOURS, DETOUR_KINDS
+from gr2_training.detours import DEFAULT_DETOURS, DETOUR_KINDS, check_detour_kinds
 
 if TYPE_CHECKING:
     from gr2_wbc.tasks import TaskInstance
@@ -239,11 +239,11 @@ def main(argv: list[str] | None = None) -> int:
             "are held out for evaluation"
         )
     detour = tuple(k.strip() for k in args.detour.split(",") if k.strip())
-    unknown_detours = [k for k in detour if k not in DETOUR_KINDS]
-    if unknown_detours:
-        raise SystemExit(
-            f"unknown detour kind(s) {unknown_detours}; known: {', '.join(DETOUR_KINDS)}"
-        )
+    if detour:
+        try:
+            check_detour_kinds(detour)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
     n = args.episodes_per_task
     limit = args.max_attempts if args.max_attempts is not None else 2 * n + 10
     spec = EpisodeSpec.from_model_config(args.preset)

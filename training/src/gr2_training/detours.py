@@ -59,6 +59,14 @@ _DETOUR_Y_M = (-0.58, 0.58)
 _DETOUR_CLEARANCE_M = (0.05, 0.16)  # above a block's top face
 
 
+def check_detour_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """``kinds`` when it names at least one kind and only known ones, else ``ValueError``."""
+    unknown = [k for k in kinds if k not in DETOUR_WEIGHTS]
+    if not kinds or unknown:
+        raise ValueError(f"unknown detour kind(s) {unknown}; known: {', '.join(DETOUR_KINDS)}")
+    return kinds
+
+
 def draw_detour(
     instance: TaskInstance,
     sim: MujocoGen3,
@@ -67,9 +75,7 @@ def draw_detour(
 ) -> Detour:
     """A detour for ``instance`` in ``sim`` now, of one of ``kinds`` (drawn by
     :data:`DETOUR_WEIGHTS`)."""
-    unknown = [k for k in kinds if k not in DETOUR_WEIGHTS]
-    if not kinds or unknown:
-        raise ValueError(f"unknown detour kind(s) {unknown}; known: {', '.join(DETOUR_KINDS)}")
+    check_detour_kinds(kinds)
     start = sim.read_state().ee_position
     target = sim.block_pose(instance.colour)[:3, 3]
     weights = np.array([DETOUR_WEIGHTS[k] for k in kinds])
