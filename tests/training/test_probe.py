@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from gr2_policy.model.checkpoint import init_random_policy, save_checkpoint
 from gr2_training import datagen, probe
+from gr2_wbc.robots.sim import scene
 
 
 def test_probe_reports_grounding_at_steps_0_and_4(tmp_path: Path, capsys) -> None:
@@ -26,6 +27,11 @@ def test_probe_reports_grounding_at_steps_0_and_4(tmp_path: Path, capsys) -> Non
         # Random weights move ~1 cm from the current pose: far from the expert's waypoint.
         assert 0 < row["error_to_expert_m"] < 1.0
         assert row["spread_across_colours_m"] >= 0
+        # One episode: each colour's prediction is on its own block or not.
+        per_colour = row["consistency_per_colour"]
+        assert sorted(per_colour) == sorted(scene.BLOCK_COLOURS)
+        assert set(per_colour.values()) <= {0.0, 1.0}
+        assert sum(per_colour.values()) / 3 == pytest.approx(row["colour_consistency"], abs=1e-3)
 
 
 def test_probe_refuses_a_dataset_without_touch_episodes(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ times: once per block colour named in the instruction. It prints JSON:
   the true instruction;
 - ``colour_consistency``: how often the waypoint predicted for colour c is nearest block c
   (1/3 = chance: the instruction is ignored);
-- ``spread_across_colours_m``: how far apart the three predictions are.
+- ``spread_across_colours_m``: how far apart the three predictions are;
+- ``consistency_per_colour``: ``colour_consistency`` split by the colour named (which
+  instruction the policy follows and which it does not).
 
     python -m gr2_training.probe --checkpoint runs/demo/ft/checkpoint --data data/sim \\
         --episodes 40
@@ -32,8 +34,8 @@ PROBE_STEPS = (0, 4)
 
 
 @torch.no_grad()
-def probe_step(policy: GR2Policy, episode: Episode, t: int) -> tuple[float, float, float]:
-    """(error to the expert [m], fraction of colours whose prediction is nearest their block,
+def probe_step(policy: GR2Policy, episode: Episode, t: int) -> tuple[float, dict[str, bool], float]:
+    """(error to the expert [m], per colour whether its prediction is nearest its block,
     largest distance between the per-colour predictions [m]) at step ``t``."""
     colours = list(scene.BLOCK_COLOURS)
     named = next(c for c in colours if f" {c} " in f" {episode.info.instruction} ")
@@ -47,11 +49,11 @@ def probe_step(policy: GR2Policy, episode: Episode, t: int) -> tuple[float, floa
         ends[colour] = policy.predict_actions(lang, ids, states).positions[0, -1, :2].numpy()
     blocks = {c: np.asarray(xyy[:2]) for c, xyy in scene.block_layout(episode.info.seed).items()}
     error = float(np.linalg.norm(ends[named] - episode.actions[t, -1, :2]))
-    hits = sum(
-        min(blocks, key=lambda b, c=c: np.linalg.norm(ends[c] - blocks[b])) == c for c in colours
-    )
+    hits = {
+        c: min(blocks, key=lambda b, c=c: np.linalg.norm(ends[c] - blocks[b])) == c for c in colours
+    }
     spread = max(float(np.linalg.norm(ends[a] - ends[b])) for a in colours for b in colours)
-    return error, hits / len(colours), spread
+    return error, hits, spread
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,18 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         parser.error(f"{args.data} has no touch episodes")
     report: dict[str, object] = {"checkpoint": str(args.checkpoint), "episodes": len(chosen)}
-    rows: dict[int, list[tuple[float, float, float]]] = {t: [] for t in PROBE_STEPS}
+    rows: dict[int, list[tuple[float, dict[str, bool], float]]] = {t: [] for t in PROBE_STEPS}
     for i in chosen:
         episode = dataset.load(i)
         for t in PROBE_STEPS:
             if t < episode.steps:
                 rows[t].append(probe_step(policy, episode, t))
     for t, values in rows.items():
-        error, consistency, spread = np.asarray(values).mean(axis=0)
+        hits = np.array([[h[c] for c in scene.BLOCK_COLOURS] for _, h, _ in values], dtype=float)
         report[f"step_{t}"] = {
-            "error_to_expert_m": round(float(error), 4),
-            "colour_consistency": round(float(consistency), 3),
-            "spread_across_colours_m": round(float(spread), 4),
+            "error_to_expert_m": round(float(np.mean([v[0] for v in values])), 4),
+            "colour_consistency": round(float(hits.mean()), 3),
+            "spread_across_colours_m": round(float(np.mean([v[2] for v in values])), 4),
+            "consistency_per_colour": {
+                c: round(float(hits[:, i].mean()), 3) for i, c in enumerate(scene.BLOCK_COLOURS)
+            },
         }
     print(json.dumps(report, indent=2))
     return 0
