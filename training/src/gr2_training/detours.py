@@ -19,8 +19,6 @@ if TYPE_CHECKING:
     from gr2_wbc.robots.sim.backend import MujocoGen3
     from gr2_wbc.tasks import TaskInstance
 
-_TOP_Z = scene.TABLE_TOP_Z_M + scene.BLOCK_SIZE_M  # a block's top face when resting [m]
-
 
 @dataclass(frozen=True)
 class Detour:
@@ -93,13 +91,15 @@ def draw_detour(
     else:
         xy = np.array([rng.uniform(*_DETOUR_X_M), rng.uniform(*_DETOUR_Y_M)])
     xy = np.clip(xy, [_DETOUR_X_M[0], _DETOUR_Y_M[0]], [_DETOUR_X_M[1], _DETOUR_Y_M[1]])
-    z = _TOP_Z + rng.uniform(*_DETOUR_CLEARANCE_M)
+    z = scene.BLOCK_TOP_Z_M + rng.uniform(*_DETOUR_CLEARANCE_M)
     speed = float(rng.uniform(0.10, 0.20))
     if kind != "wrong_block":
         return Detour(kind, np.array([[xy[0], xy[1], z]]), speed)
     # Come down on the other block from above it, as a touch would (within 1 cm of the point
     # above, itself within 2 cm of the block's centre).
-    low = np.array([*(xy + rng.uniform(-0.01, 0.01, size=2)), _TOP_Z + rng.uniform(0.004, 0.012)])
+    low = np.array(
+        [*(xy + rng.uniform(-0.01, 0.01, size=2)), scene.BLOCK_TOP_Z_M + rng.uniform(0.004, 0.012)]
+    )
     waypoints = np.array([[xy[0], xy[1], z], low])
     return Detour(kind, waypoints, speed, hold_s=float(rng.uniform(0.2, 1.0)))
 

@@ -62,7 +62,6 @@ from gr2_wbc.tasks import (
 from gr2_training.detours import Detour, detour_for
 
 _HALF = scene.BLOCK_SIZE_M / 2
-_TOP_Z = scene.TABLE_TOP_Z_M + scene.BLOCK_SIZE_M  # a block's top face when resting [m]
 # The IK keeps the open fingers' lowest point 5 mm above the table (controller.py), i.e. the
 # tool point >= ~0.027 m; grasping and pushing aim a little above that.
 _LOW_Z_RANGE_M = (0.030, 0.036)
@@ -275,7 +274,7 @@ def plan_episode(
         hold(1.5, 0.0)
     elif instance.name == "pick":
         yaw = grasp_yaw(pose, quat_to_matrix(state.ee_quat_wxyz))
-        above = np.array([aim[0], aim[1], _TOP_Z + style.approach_height])
+        above = np.array([aim[0], aim[1], scene.BLOCK_TOP_Z_M + style.approach_height])
         go(above, yaw, 0.0, minimum=0.8)
         hold(style.pause + 0.1, 0.0)
         go(np.array([aim[0], aim[1], style.low_z]), yaw, 0.0)
@@ -285,7 +284,7 @@ def plan_episode(
     elif instance.name == "push":
         d = float(instance.params["direction_y"])
         behind = block[1] - d * 0.075
-        above = np.array([aim[0], behind, _TOP_Z + style.approach_height])
+        above = np.array([aim[0], behind, scene.BLOCK_TOP_Z_M + style.approach_height])
         go(above, 0.0, 1.0)
         hold(style.pause + 0.1, 1.0)
         go(np.array([aim[0], behind, style.low_z]), 0.0, 1.0)

@@ -27,6 +27,8 @@ TABLE_HEIGHT_M: float = 0.75
 """Distance from the floor to the table top [m]."""
 BLOCK_SIZE_M: float = 0.04
 """Edge length of the cubes [m]."""
+BLOCK_TOP_Z_M: float = TABLE_TOP_Z_M + BLOCK_SIZE_M
+"""Height of a resting block's top face [m]."""
 BLOCK_MASS_KG: float = 0.05
 BLOCK_COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.85, 0.08, 0.08),
