@@ -58,6 +58,30 @@ def run_policy_server(
     env: dict[str, str] | None = None,
 ) -> Iterator[PolicyServer]:
     workdir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(PORT_ATTEMPTS):
+        server = _start_policy_server(workdir, redis_url, extra_args, env)
+        try:
+            wait_ready(server)
+        except RuntimeError:
+            stop_process(server.proc)
+            # free_port() closes its socket, so another process may take the port before the
+            # server binds it; then the server exits at start-up: try again on new ports.
+            if attempt + 1 < PORT_ATTEMPTS and "address already in use" in server.log_text():
+                continue
+            raise
+        break
+    try:
+        yield server
+    finally:
+        stop_process(server.proc)
+
+
+PORT_ATTEMPTS = 3
+
+
+def _start_policy_server(
+    workdir: Path, redis_url: str | None, extra_args: tuple[str, ...], env: dict[str, str] | None
+) -> PolicyServer:
     grpc_port, http_port = free_port(), free_port()
     args = [
         script_path("gr2-policy-server"),
@@ -80,12 +104,7 @@ def run_policy_server(
             stderr=subprocess.STDOUT,
             env=child_env(GR2_TORCH_THREADS="1", **(env or {})),
         )
-    server = PolicyServer(grpc_port, http_port, proc, log_path)
-    try:
-        wait_ready(server)
-        yield server
-    finally:
-        stop_process(proc)
+    return PolicyServer(grpc_port, http_port, proc, log_path)
 
 
 @contextmanager
