@@ -64,7 +64,6 @@ def test_it_loads_strictly_and_its_tokenizer_is_trained(demo_model) -> None:
         errors[name] = float((decoded.float() - images.float()).abs().mean())
     assert errors["demo"] < 20.0, errors  # levels of 255; ~8-14 when trained
     assert errors["random"] > 3 * errors["demo"], errors
-    assert len(model_hash(demo_model)) == 16
 
 
 def test_the_server_serves_it_by_default(demo_model, tmp_path: Path) -> None:
