@@ -167,6 +167,9 @@ def test_detours_cover_every_kind_inside_the_workspace() -> None:
     sim = MujocoGen3(seed=0)
     try:
         target = sim.block_pose(instance.colour)[:3, 3]
+        others = [
+            sim.block_pose(c)[:3, 3] for c in ("red", "green", "blue") if c != instance.colour
+        ]
         start = sim.read_state().ee_position
         rng = np.random.default_rng(0)
         detours = [draw_detour(instance, sim, rng, DETOUR_KINDS) for _ in range(200)]
@@ -187,6 +190,14 @@ def test_detours_cover_every_kind_inside_the_workspace() -> None:
         if d.kind == "overshoot":  # beyond the target, seen from the start
             heading = target[:2] - start[:2]
             assert (d.position[:2] - target[:2]) @ heading > 0
+        if d.kind == "toward_block":  # 30-80 % of the way from the start to another block
+            fractions = [
+                (d.position[:2] - start[:2])
+                @ (o[:2] - start[:2])
+                / np.sum((o[:2] - start[:2]) ** 2)
+                for o in others
+            ]
+            assert any(0.2 < f < 0.9 for f in fractions), fractions
 
 
 def test_datagen_round_trips_and_resumes(tmp_path, capsys) -> None:

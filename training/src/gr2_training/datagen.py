@@ -20,8 +20,9 @@ images alone and has to ground the instruction.
 and then does the task from there; the steps before the detour is over carry no action
 labels, so a model learns the way back (see :mod:`gr2_training.expert`). KINDS is a
 comma-separated subset of ``overshoot`` (past the target), ``other_block`` (above another
-block), ``anywhere`` (in the workspace) and ``wrong_block`` (down onto another block and a
-pause there); plain ``--detour`` means the first three. Give them their own ``--out`` and
+block), ``anywhere`` (in the workspace), ``wrong_block`` (down onto another block and a pause
+there) and ``toward_block`` (part of the way to another block); plain ``--detour`` means the
+first three. Give them their own ``--out`` and
 mix them with plain demonstrations (``gr2-curriculum mix``); they take longer, so raise
 ``--time-limit``.
 

@@ -3,7 +3,7 @@
 A detour is drawn per episode from the sim's true block poses (see
 :mod:`gr2_training.expert`, which plans it ahead of the task and leaves the steps before it
 ends unlabelled). The kinds mimic how a closed-loop policy strays: it overshoots the target,
-heads for or comes down on another block, or wanders off.
+heads for another block (partway or all the way), comes down on one, or wanders off.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ class Detour:
     Attributes:
         kind: one of :data:`DETOUR_WEIGHTS`: ``overshoot`` (past the target, along the line
             from the start), ``other_block`` (above a block that is not the target),
-            ``anywhere`` (in the workspace), ``wrong_block`` (down onto another block, as if
-            touching it, and a pause there).
+            ``toward_block`` (part of the way from the start to above another block, where a
+            policy that took the instruction for another colour turns back), ``anywhere`` (in
+            the workspace), ``wrong_block`` (down onto another block, as if touching it, and a
+            pause there).
         waypoints: where the tool goes, in order [m], base frame (n, 3).
         speed: average speed of the detour moves [m/s].
         hold_s: pause at the last waypoint [s].
@@ -45,7 +47,13 @@ class Detour:
         return self.waypoints[-1]
 
 
-DETOUR_WEIGHTS = {"overshoot": 0.5, "other_block": 0.25, "anywhere": 0.25, "wrong_block": 0.25}
+DETOUR_WEIGHTS = {
+    "overshoot": 0.5,
+    "other_block": 0.25,
+    "anywhere": 0.25,
+    "wrong_block": 0.25,
+    "toward_block": 0.25,
+}
 """Detour kinds and their relative frequency when several are allowed."""
 DETOUR_KINDS = tuple(DETOUR_WEIGHTS)
 DEFAULT_DETOURS = ("overshoot", "other_block", "anywhere")
@@ -55,6 +63,7 @@ DEFAULT_DETOURS = ("overshoot", "other_block", "anywhere")
 _DETOUR_X_M = (0.12, 0.88)
 _DETOUR_Y_M = (-0.58, 0.58)
 _DETOUR_CLEARANCE_M = (0.05, 0.16)  # above a block's top face
+_TOWARD_FRACTION = (0.3, 0.8)  # how far toward_block goes of the way to the other block
 
 
 def check_detour_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
@@ -63,6 +72,11 @@ def check_detour_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
     if not kinds or unknown:
         raise ValueError(f"unknown detour kind(s) {unknown}; known: {', '.join(DETOUR_KINDS)}")
     return kinds
+
+
+def _inside_workspace(xy: np.ndarray) -> np.ndarray:
+    """``xy`` [m] clipped to the box detour points stay in."""
+    return np.clip(xy, [_DETOUR_X_M[0], _DETOUR_Y_M[0]], [_DETOUR_X_M[1], _DETOUR_Y_M[1]])
 
 
 def draw_detour(
@@ -85,13 +99,17 @@ def draw_detour(
         u = heading / norm if norm > 1e-6 else np.array([1.0, 0.0])
         side = np.array([-u[1], u[0]])
         xy = target[:2] + u * rng.uniform(0.06, 0.40) + side * rng.uniform(-0.06, 0.06)
-    elif kind in ("other_block", "wrong_block"):
+    elif kind in ("other_block", "wrong_block", "toward_block"):
         other = sim.block_pose(others[int(rng.integers(len(others)))])[:3, 3]
         xy = other[:2] + rng.uniform(-0.02, 0.02, size=2)
     else:
         xy = np.array([rng.uniform(*_DETOUR_X_M), rng.uniform(*_DETOUR_Y_M)])
-    xy = np.clip(xy, [_DETOUR_X_M[0], _DETOUR_Y_M[0]], [_DETOUR_X_M[1], _DETOUR_Y_M[1]])
+    xy = _inside_workspace(xy)
     z = scene.BLOCK_TOP_Z_M + rng.uniform(*_DETOUR_CLEARANCE_M)
+    if kind == "toward_block":  # stop part of the way there, on the way down from the start
+        fraction = rng.uniform(*_TOWARD_FRACTION)
+        xy = _inside_workspace(start[:2] + fraction * (xy - start[:2]))
+        z = max(z, start[2] + fraction * (z - start[2]))
     speed = float(rng.uniform(0.10, 0.20))
     if kind != "wrong_block":
         return Detour(kind, np.array([[xy[0], xy[1], z]]), speed)
