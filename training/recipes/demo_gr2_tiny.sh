@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The bundled demo checkpoint (gr2_policy/checkpoints/demo): scripted-expert demonstrations, then
-# the GR-2 training stages on gr2-tiny, on CPU (about 3 h 30 min on 2 cores).
+# the GR-2 training stages on gr2-tiny, on CPU (about 4 h 20 min on 2 cores).
 #
 #   bash training/recipes/demo_gr2_tiny.sh [WORK]       # WORK defaults to runs/demo
 #   ABLATION=1 bash training/recipes/demo_gr2_tiny.sh   # also fine-tunes without pre-training
@@ -19,9 +19,10 @@
 # (gr2-datagen --detour: a wrong way first, labelled only on the way back), so the closed-loop
 # policy has seen its way back when it strays. That last data is trained on in four cosine
 # cycles (900 steps, 2400, 1500 at a lower peak, 900 at a lower one still; the last two with
-# other data seeds): the schedule grew over working sessions of 3 hours on 2 CPU cores, each
-# continuing the model the one before had bundled, and the recipe replays it exactly (about
-# 3 h 30 min in one go).
+# other data seeds), then a fifth (1,800 steps) with 900 confusion demonstrations added (a
+# part of the way to another block first). The model is the mean of the last four cycles'
+# weights (gr2-average). The schedule grew over working sessions of 3 hours on 2 CPU cores,
+# each continuing the model the one before had bundled, and the recipe replays it exactly.
 set -euo pipefail
 WORK=${1:-runs/demo}
 BIN=${BIN:-.venv/bin}
@@ -76,6 +77,13 @@ curriculum "$WORK/mostly_real" mix --out "$WORK/mostly_real" --take 350 --take 1
     --detour --time-limit 25 --out "$WORK/recovery" --workers 2
 curriculum "$WORK/with_recovery" mix --out "$WORK/with_recovery" --take 1850 --take 900 \
     "$WORK/mostly_real" "$WORK/recovery"
+# 7. confusion demonstrations (part of the way to another block first, or above it, or off),
+#    every block of seeds 1000..1299 as the target, mixed with all of the last mix
+"$BIN/gr2-datagen" --tasks touch --episodes-per-task 900 --targets all --seed-start 1000 \
+    --detour toward_block,wrong_block,other_block --time-limit 25 --out "$WORK/confusion" \
+    --workers 2
+curriculum "$WORK/with_confusion" mix --out "$WORK/with_confusion" --take 2750 --take 900 \
+    "$WORK/with_recovery" "$WORK/confusion"
 
 finetune() {  # finetune INIT OUT: the fine-tuning steps (the same for the ablation)
     stage finetune "${2}_one" --data "$WORK/one_block" --init "$1" "${TOUCH[@]}" --steps 900 \
@@ -92,12 +100,21 @@ finetune() {  # finetune INIT OUT: the fine-tuning steps (the same for the ablat
         "${TOUCH[@]}" --steps 1500 --lr 3e-4 --warmup 50 --save-dtype float16 --seed 1
     stage finetune "$2" --data "$WORK/with_recovery" --init "${2}_recovery3" "${TOUCH[@]}" \
         --steps 900 --lr 1.5e-4 --warmup 50 --save-dtype float16 --seed 2
+    stage finetune "${2}_conf" --data "$WORK/with_confusion" --init "$2" "${TOUCH[@]}" \
+        --steps 1800 --lr 3e-4 --warmup 50 --save-dtype float16 --seed 3
+    # the model: the mean of the last four cycles' weights (gr2-average)
+    if [ -f "${2}_avg/checkpoint/config.json" ]; then
+        echo "gr2-average: done (${2}_avg)"
+    else
+        "$BIN/gr2-average" --out "${2}_avg" --save-dtype float16 "${2}_recovery2" \
+            "${2}_recovery3" "$2" "${2}_conf"
+    fi
 }
-# 7. robot fine-tuning from the pre-trained model
+# 8. robot fine-tuning from the pre-trained model
 finetune "$WORK/pre" "$WORK/ft"
-# 8. the ablation: the same fine-tuning budget from the tokenizer run (no video pre-training)
+# 9. the ablation: the same fine-tuning budget from the tokenizer run (no video pre-training)
 if [ "${ABLATION:-0}" = 1 ]; then
     finetune "$WORK/tok" "$WORK/ft_no_pretrain"
 fi
-echo "done: $WORK/ft/checkpoint (bundle it: cp $WORK/ft/checkpoint/* \\"
+echo "done: $WORK/ft_avg/checkpoint (bundle it: cp $WORK/ft_avg/checkpoint/* \\"
 echo "      services/policy_server/src/gr2_policy/checkpoints/demo/)"
