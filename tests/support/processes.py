@@ -18,6 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BIN_DIR = Path(sys.executable).parent
 
@@ -80,39 +84,60 @@ def run_redis_server(
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server not found: run `make test` (installs it through apt)")
-    port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     durability = (
-        ["--appendonly", "yes", "--appendfsync", "always"]
-        if persistent
-        else [
-            "--appendonly",
-            "no",
-        ]
+        ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
     )
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            *durability,
-            "--dir",
-            str(workdir),
-            "--loglevel",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
+    # free_port() closes its socket, so another process may take the port before redis binds
+    # it; redis then exits at start-up and, when the port was ours to choose, new ones are tried.
+    attempts = 1 if port else PORT_ATTEMPTS
+    for attempt in range(attempts):
+        chosen = port or free_port()
+        log_path = workdir / f"redis-{chosen}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [exe, "--port", str(chosen), "--bind", "127.0.0.1", "--save", "", *durability,
+                 "--dir", str(workdir), "--loglevel", "warning"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            _wait_for_redis(chosen, 10.0, proc)
+        except RuntimeError:
+            stop_process(proc)
+            in_use = "address already in use" in log_path.read_text(errors="replace").lower()
+            if attempt + 1 < attempts and in_use:
+                continue
+            raise
+        break
     try:
-        wait_for_port(port, 10.0, proc)
-        yield RedisServer(port=port, proc=proc, password=password)
+        yield RedisServer(port=chosen, proc=proc, password=password)
     finally:
         stop_process(proc)
+
+
+PORT_ATTEMPTS = 3
+
+
+def _wait_for_redis(port: int, timeout_s: float, proc: subprocess.Popen) -> None:
+    """Wait until *this* redis-server answers (its INFO names ``proc``'s pid): an open port
+    alone could be another process that took it first; then ``proc`` exits and this raises
+    RuntimeError."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode} before it answered")
+        client = redis.Redis(
+            port=port, socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+        )
+        try:
+            if client.info("server").get("process_id") == proc.pid:
+                return
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()
+        time.sleep(0.05)
+    raise TimeoutError(f"redis-server on 127.0.0.1:{port} did not answer in {timeout_s} s")
 
 
 def script_path(name: str) -> str:
