@@ -1,5 +1,6 @@
-"""gr2-curriculum on real demonstrations: one-block scenes keep only the target block, and a
-mix holds the first N touch episodes of each source."""
+"""gr2-curriculum on real demonstrations: one-block scenes keep only the target block,
+swap-colours exchanges two blocks' colours and names, and a mix holds the first N touch
+episodes of each source."""
 
 from __future__ import annotations
 
@@ -52,6 +53,41 @@ def test_one_block_paints_over_every_block_but_the_target(demos: Path, tmp_path:
         assert changed.any() and not (changed & ~others).any()
 
 
+def centroid(mask: np.ndarray) -> np.ndarray:
+    return np.argwhere(mask).mean(axis=0)
+
+
+def test_swap_colours_exchanges_two_blocks_and_their_names(demos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "swapped"
+    assert curriculum.main(["swap-colours", "--data", str(demos), "--out", str(out)]) == 0
+    src, dst = EpisodeDataset(demos), EpisodeDataset(out)
+    touch = src.select(task="touch")
+    assert len(dst) == len(touch) == 2
+    reference = curriculum.reference_colours(src)["head"]
+    rename = {"green": "blue", "blue": "green", "red": "red"}
+    for i, j in zip(touch, range(len(dst)), strict=True):
+        before, after = src.load(i), dst.load(j)
+        colour = before.info.extra["task"]["colour"]
+        assert after.info.extra["task"]["colour"] == rename[colour]
+        assert after.info.instruction == f"touch the {rename[colour]} block"
+        assert after.info.extra["task"]["instruction"] == after.info.instruction
+        assert after.info.extra["curriculum"] == "swap-green-blue"
+        np.testing.assert_array_equal(after.actions, before.actions)
+        np.testing.assert_array_equal(after.states, before.states)
+        old = curriculum.block_masks(before.images["head"][0])
+        new = curriculum.block_masks(after.images["head"][0])
+        np.testing.assert_array_equal(new["red"], old["red"])  # red is left alone
+        for a, b in (("green", "blue"), ("blue", "green")):
+            # Block a's place now shows colour b: same spot, about the same size.
+            assert abs(int(new[b].sum()) - int(old[a].sum())) <= 0.25 * old[a].sum()
+            np.testing.assert_allclose(centroid(new[b]), centroid(old[a]), atol=1.0)
+            mean = after.images["head"][0][new[b]].mean(axis=0)
+            np.testing.assert_allclose(mean, reference[b], atol=30)
+        changed = np.any(after.images["head"][0] != before.images["head"][0], axis=-1)
+        near = curriculum._grow(old["green"]) | curriculum._grow(old["blue"])
+        assert changed.any() and not (changed & ~near).any()  # nothing else was touched
+
+
 def test_mix_takes_the_first_touch_episodes_of_each_source(
     demos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -84,6 +120,9 @@ def test_curriculum_refuses_to_overwrite_and_bad_sources(
     assert "2 --take counts for 1 sources" in capsys.readouterr().err
     assert curriculum.main(["one-block", "--data", str(demos), "--out", str(tmp_path / "m")]) == 2
     assert "already holds" in capsys.readouterr().err
+    same = ["swap-colours", "--data", str(demos), "--out", str(tmp_path / "s"), "--pair", "red"]
+    assert curriculum.main([*same, "red"]) == 2
+    assert "two different block colours" in capsys.readouterr().err
     bad = ["one-block", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]
     assert curriculum.main(bad) == 2
     assert "not a dataset" in capsys.readouterr().err

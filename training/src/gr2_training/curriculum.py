@@ -11,14 +11,18 @@ that skill while the policy learns which block the instruction names.
     gr2-curriculum one-block --data data/sim --out data/one_block   # touch episodes, 1 block
     gr2-curriculum mix --out data/mixed --take 700 data/one_block data/sim
     gr2-curriculum mix --out data/mostly_real --take 350 --take 1500 data/one_block data/sim
+    gr2-curriculum swap-colours --data data/sim --out data/swapped   # green <-> blue
 
 ``one-block`` copies the touch episodes of a dataset with every block but the target painted
 over in the table's colour, in every frame of every view (the actions, states and instruction
-are unchanged: the expert went to that block anyway). The blocks are found by colour: the sim's
-palette (``gr2_wbc.robots.sim.scene.BLOCK_COLOURS``) is saturated red, green and blue on a grey
-table and grey arm, and the thresholds below were checked on both views' frames. ``mix`` makes
-a dataset of the first N touch episodes of each source (``--take`` once, or once per source;
-files copied: episodes are ~20 kB).
+are unchanged: the expert went to that block anyway). ``swap-colours`` copies the touch
+episodes with two blocks trading colours in every frame and the instruction renamed to match,
+so that the same layout and the same motion come with the other colour's name: a pair that
+only the colour word tells apart (the demo model confuses green with blue). The blocks are found
+by colour: the sim's palette (``gr2_wbc.robots.sim.scene.BLOCK_COLOURS``) is saturated red,
+green and blue on a grey table and grey arm, and the thresholds below were checked on both
+views' frames. ``mix`` makes a dataset of the first N touch episodes of each source (``--take``
+once, or once per source; files copied: episodes are ~20 kB).
 """
 
 from __future__ import annotations
@@ -97,6 +101,102 @@ def one_block(src: str | Path, dst: str | Path) -> int:
     return writer.count
 
 
+def reference_colours(
+    dataset: EpisodeDataset, episodes: int = 20
+) -> dict[str, dict[str, np.ndarray]]:
+    """view -> colour -> mean RGB (float) of that block's pixels over the first frames of the
+    first ``episodes`` touch episodes: what the renderer makes of each block in each view."""
+    sums = {v: {c: np.zeros(3) for c in ("red", "green", "blue")} for v in dataset.meta.views}
+    counts = {v: dict.fromkeys(("red", "green", "blue"), 0) for v in dataset.meta.views}
+    for i in dataset.select(task="touch")[:episodes]:
+        for view, frames in dataset.load(i).images.items():
+            for colour, mask in block_masks(frames[0]).items():
+                sums[view][colour] += frames[0][mask].sum(axis=0)
+                counts[view][colour] += int(mask.sum())
+    for view, per_colour in counts.items():
+        missing = [c for c, n in per_colour.items() if n == 0]
+        if missing:
+            raise DatasetError(
+                f"no {'/'.join(missing)} block pixels in the {view} view's first frames"
+            )
+    return {v: {c: sums[v][c] / counts[v][c] for c in sums[v]} for v in sums}
+
+
+def swap_block_colours(
+    frames: np.ndarray, a: str, b: str, reference: dict[str, np.ndarray]
+) -> np.ndarray:
+    """frames (T, H, W, 3) uint8 -> a copy in which blocks ``a`` and ``b`` trade colours.
+
+    A block's pixels take the other's dominant channel in place of their own, scaled so that
+    ``reference[a]`` (mean RGB) becomes ``reference[b]`` and back: shading is kept. The
+    anti-aliased rim (table blended with block) moves by the blend's share of the difference
+    between the two colours, so the edge stays an edge of the new colour.
+    """
+    ref = {c: np.asarray(reference[c], np.float64) for c in (a, b)}
+    perm = np.arange(3)
+    ia, ib = int(np.argmax(ref[a])), int(np.argmax(ref[b]))
+    perm[ia], perm[ib] = ib, ia
+    out = frames.copy()
+    table = TABLE_RGB.astype(np.float64)
+    for frame, src_frame in zip(out, frames, strict=True):
+        masks = block_masks(src_frame)
+        blocks = np.zeros(src_frame.shape[:2], bool)
+        for mask in masks.values():
+            blocks |= mask
+        pixels = src_frame.astype(np.float64)
+        for src, dst in ((a, b), (b, a)):
+            core = masks[src]
+            gain = ref[dst] / np.maximum(ref[src][perm], 1.0)
+            frame[core] = np.clip(pixels[core][:, perm] * gain + 0.5, 0, 255).astype(np.uint8)
+            rim = _grow(core) & ~blocks
+            direction = ref[src] - table
+            share = np.clip((pixels[rim] - table) @ direction / (direction @ direction), 0, 1)
+            moved = pixels[rim] + share[:, None] * (ref[dst] - ref[src])
+            frame[rim] = np.clip(moved + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def swap_colours(src: str | Path, dst: str | Path, a: str = "green", b: str = "blue") -> int:
+    """Write every touch episode of ``src`` to ``dst`` with blocks ``a`` and ``b`` trading
+    colours in every frame, and the instruction renamed to match (a touch of the ``a`` block
+    becomes a touch of the ``b`` block standing where it stood). Returns episodes written."""
+    if {a, b} - {"red", "green", "blue"} or a == b:
+        raise DatasetError(f"--pair needs two different block colours, not {a!r} and {b!r}")
+    dataset = EpisodeDataset(src)
+    writer = DatasetWriter(dst, dataset.meta)
+    if writer.count:
+        raise DatasetError(f"{dst} already holds {writer.count} episodes: give a new --out")
+    reference = reference_colours(dataset)
+    rename = {a: b, b: a}
+    for i in dataset.select(task="touch"):
+        episode = dataset.load(i)
+        task_record = dict(episode.info.extra.get("task", {}))
+        colour = task_record.get("colour")
+        if colour not in ("red", "green", "blue"):
+            raise DatasetError(f"{episode.info.file}: no target colour in its task record")
+        new_colour = rename.get(colour, colour)
+        instruction = episode.info.instruction.replace(f" {colour} ", f" {new_colour} ")
+        if new_colour != colour and instruction == episode.info.instruction:
+            raise DatasetError(f"{episode.info.file}: {colour!r} not in {instruction!r}")
+        task_record.update(colour=new_colour, instruction=instruction)
+        writer.add(
+            instruction=instruction,
+            task=episode.info.task,
+            seed=episode.info.seed,
+            success=episode.info.success,
+            images={
+                v: swap_block_colours(f, a, b, reference[v]) for v, f in episode.images.items()
+            },
+            states=episode.states,
+            actions=episode.actions,
+            action_valid=episode.action_valid,
+            times=episode.times,
+            joint_positions=episode.joint_positions,
+            extra={**episode.info.extra, "task": task_record, "curriculum": f"swap-{a}-{b}"},
+        )
+    return writer.count
+
+
 def mix(dst: str | Path, take: Sequence[int], sources: Sequence[str | Path]) -> list[int]:
     """A dataset of the first ``take[k]`` touch episodes of source k, in source order.
     Returns how many each source gave."""
@@ -129,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("one-block", help="touch episodes with only the target block left")
     p.add_argument("--data", required=True, help="source dataset")
     p.add_argument("--out", required=True, help="new dataset directory")
+    p = sub.add_parser(
+        "swap-colours", help="touch episodes with two blocks' colours (and names) exchanged"
+    )
+    p.add_argument("--data", required=True, help="source dataset")
+    p.add_argument("--out", required=True, help="new dataset directory")
+    p.add_argument(
+        "--pair",
+        nargs=2,
+        default=["green", "blue"],
+        metavar=("A", "B"),
+        help="the two block colours to exchange (default: green blue)",
+    )
     p = sub.add_parser("mix", help="the first N touch episodes of each source, in one dataset")
     p.add_argument("--out", required=True, help="new dataset directory")
     p.add_argument(
@@ -148,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "one-block":
             written = one_block(args.data, args.out)
+            print(json.dumps({"out": args.out, "episodes": written}))
+        elif args.command == "swap-colours":
+            written = swap_colours(args.data, args.out, *args.pair)
             print(json.dumps({"out": args.out, "episodes": written}))
         else:
             take = args.take * len(args.sources) if len(args.take) == 1 else args.take
