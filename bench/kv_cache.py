@@ -15,6 +15,8 @@ Image tokenisation (the VQGAN encoder) is identical in all variants and is left 
 time is reported separately. Prints one JSON document; ratios are X / cached.
 
     python bench/kv_cache.py --presets gr2-tiny gr2-small [--device cuda] [--threads 2]
+    python bench/kv_cache.py --presets gr2-tiny --override vq_downsample=4 \\
+        --override "vq_channel_mult=[1,2,4]"   # 4x4-pixel patches (README, "Why green")
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import time
 
 import numpy as np
 import torch
-from gr2_policy.model import GR2Policy, init_random_policy
+from gr2_policy.model import GR2Config, GR2Policy
 from gr2_policy.model.sampling import GREEDY
+from gr2_training.train.cli import parse_override
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -50,8 +53,11 @@ def timed(fn, device: torch.device) -> tuple[float, object]:  # type: ignore[no-
 
 
 @torch.inference_mode()
-def bench_preset(preset: str, device: torch.device, steps: int, seed: int = 0) -> dict:
-    model: GR2Policy = init_random_policy(preset, seed=seed).to(device)
+def bench_preset(
+    preset: str, device: torch.device, steps: int, overrides: dict, seed: int = 0
+) -> dict:
+    torch.manual_seed(seed)  # random weights: speed does not depend on their values
+    model = GR2Policy(GR2Config.from_preset(preset, **overrides)).eval().to(device)
     cfg = model.config
     h, r = cfg.history, cfg.receptive_field
     warm = r + h  # steady state: the window is full and the cache has wrapped
@@ -112,6 +118,7 @@ def bench_preset(preset: str, device: torch.device, steps: int, seed: int = 0) -
     cached_p50 = float(np.median(cached))
     return {
         "preset": preset,
+        "overrides": overrides,
         "history_h": h,
         "receptive_field_R": r,
         "tokens_per_step": cfg.tokens_per_step,
@@ -140,6 +147,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--steps", type=int, default=20, help="steady-state steps measured")
+    parser.add_argument(
+        "--override",
+        action="append",
+        type=parse_override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one GR2Config field of every preset (repeatable)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,7 +162,10 @@ def main() -> None:
     results = []
     for preset in args.presets:
         print(f"[bench] {preset} on {device} ...", flush=True, file=sys.stderr)
-        results.append(bench_preset(preset, device, args.steps))
+        try:
+            results.append(bench_preset(preset, device, args.steps, dict(args.override)))
+        except (TypeError, ValueError) as err:
+            parser.error(f"--override {dict(args.override)}: {err}")
     print(
         json.dumps(
             {

@@ -33,7 +33,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
     """KEY=VALUE with VALUE as JSON when it parses (numbers, true, lists), else a string."""
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument(
         "--override",
         action="append",
-        type=_override,
+        type=parse_override,
         default=[],
         metavar="KEY=VALUE",
         help="change one GR2Config field of the preset (repeatable), e.g. codebook_size=256",
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--override",
             action="append",
-            type=_override,
+            type=parse_override,
             default=[],
             metavar="KEY=VALUE",
             help="change one GR2Config field of the --init model (repeatable), e.g. "
