@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 import torch
-from gr2_policy.model import GR2Config, GR2Policy
+from gr2_policy.model import GR2Policy, init_random_policy
 from gr2_policy.model.sampling import GREEDY
 from gr2_training.train.cli import parse_override
 
@@ -56,8 +56,7 @@ def timed(fn, device: torch.device) -> tuple[float, object]:  # type: ignore[no-
 def bench_preset(
     preset: str, device: torch.device, steps: int, overrides: dict, seed: int = 0
 ) -> dict:
-    torch.manual_seed(seed)  # random weights: speed does not depend on their values
-    model = GR2Policy(GR2Config.from_preset(preset, **overrides)).eval().to(device)
+    model: GR2Policy = init_random_policy(preset, seed, **overrides).to(device)
     cfg = model.config
     h, r = cfg.history, cfg.receptive_field
     warm = r + h  # steady state: the window is full and the cache has wrapped

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -108,10 +109,10 @@ def load_checkpoint(directory: str | os.PathLike[str], device: str = "cpu") -> G
     return model.to(device).eval()
 
 
-def init_random_policy(preset: str, seed: int) -> GR2Policy:
-    """A randomly initialised model of ``preset`` (eval mode); the same seed gives the same
-    weights. The global RNG state is left untouched."""
-    config = GR2Config.from_preset(preset)
+def init_random_policy(preset: str, seed: int, **overrides: Any) -> GR2Policy:
+    """A randomly initialised model of ``preset`` with optional GR2Config ``overrides`` (eval
+    mode); the same seed gives the same weights. The global RNG state is left untouched."""
+    config = GR2Config.from_preset(preset, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GR2Policy(config)
