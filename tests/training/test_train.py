@@ -27,6 +27,7 @@ from gr2_training.train.loop import lr_at
 from gr2_training.train.metrics_log import read_metrics
 from gr2_training.train.settings import Settings
 from gr2_training.train.tokens import EpisodeTokens
+from gr2_training.train.vq_stage import token_patches
 from safetensors.torch import load_file
 
 # A small model (gr2-tiny's layout, narrower) and matching data: 32 px, 4x4 tokens per view,
@@ -334,6 +335,53 @@ def test_tokenizer_reports_reconstruction_and_codebook_usage(runs: dict[str, Pat
     assert (runs["tokenizer"] / "reconstructions.png").is_file()
 
 
+def test_token_patches_follow_the_order_of_the_token_ids() -> None:
+    config = GR2Config.from_preset("gr2-tiny")
+    f, side = config.vq_downsample, config.tokens_per_side
+    # every pixel holds the row-major index of the token grid cell it lies in
+    cell = torch.arange(side * side, dtype=torch.float32).view(side, side)
+    image = cell.repeat_interleave(f, 0).repeat_interleave(f, 1).expand(1, 3, -1, -1)
+    patches = token_patches(image, f)
+    assert patches.shape == (1, side * side, 3 * f * f)
+    assert torch.equal(patches[0], cell.flatten()[:, None].expand(-1, 3 * f * f))
+
+
+def test_local_patch_term_is_trained_logged_and_kept_on_resume(
+    tmp_path: Path, runs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--steps", "2", "--batch-size", "4", "--save-every", "1", *OVERRIDES]
+    assert train("tokenizer", runs["data"], tmp_path / "neg", *args, "--local-weight", "-1") == 2
+    assert "--local-weight must be >= 0" in capsys.readouterr().err
+    run = tmp_path / "local"
+    assert train("tokenizer", runs["data"], run, *args, "--local-weight", "1.0") == 0
+    lines = [m for m in read_metrics(run / "metrics.jsonl") if "split" not in m]
+    assert all(m["local"] > 0 for m in lines)
+    # with the term, the total is the plain objective plus its weighted mean squared error
+    plain = read_metrics(runs["tokenizer"] / "metrics.jsonl")[0]
+    assert "local" not in plain
+    for m in lines:
+        rest = m["reconstruction"] + m["codebook"] + 0.25 * m["commitment"]
+        assert m["total"] == pytest.approx(rest + m["local"], rel=1e-5)
+    # resuming step 1 of it without the term is refused: the head would be lost
+    shutil.rmtree(run / "checkpoint")
+    shutil.rmtree(run / "checkpoints" / "step-00000002")
+    assert train("tokenizer", runs["data"], run, *args, "--resume") == 2
+    assert "local_weight 1.0 -> 0.0" in capsys.readouterr().err
+    assert not (run / "checkpoint").exists()
+
+
+def test_a_run_recorded_before_a_fixed_setting_existed_resumes_with_its_default(
+    tmp_path: Path, runs: dict[str, Path]
+) -> None:
+    record = json.loads((runs["tokenizer"] / "run.json").read_text())
+    del record["settings"]["local_weight"]
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    settings = dict(record["settings"], local_weight=0.0)
+    assert ckpt.check_resumable(tmp_path, "tokenizer", settings)["stage"] == "tokenizer"
+    with pytest.raises(TrainingError, match=r"local_weight 0\.0 -> 1\.0"):
+        ckpt.check_resumable(tmp_path, "tokenizer", dict(settings, local_weight=1.0))
+
+
 def test_only_the_trained_part_changes(runs: dict[str, Path]) -> None:
     def weights(stage: str) -> dict[str, torch.Tensor]:
         return load_file(runs[stage] / "checkpoint" / "model.safetensors")
@@ -427,13 +475,15 @@ def test_state_dropout_and_start_fraction_are_recorded_and_checked(
         train("pretrain", runs["data"], tmp_path / "pre", *args, "--state-dropout", "0.5")
 
 
-@pytest.mark.parametrize("stage", ["tokenizer", "finetune"])
+@pytest.mark.parametrize("stage", ["tokenizer", "tokenizer-local", "finetune"])
 def test_resume_continues_exactly(tmp_path: Path, runs: dict[str, Path], stage: str) -> None:
-    extra = (
-        [*OVERRIDES, "--restart-dead-codes-every", "3"]
-        if stage == "tokenizer"
-        else ["--init", str(runs["pretrain"])]
-    )
+    extra = {
+        "tokenizer": [*OVERRIDES, "--restart-dead-codes-every", "3"],
+        # the local head is not part of the model: the trainer state carries it
+        "tokenizer-local": [*OVERRIDES, "--local-weight", "1.0"],
+        "finetune": ["--init", str(runs["pretrain"])],
+    }[stage]
+    stage = stage.removesuffix("-local")
     args = ["--steps", "4", "--save-every", "2", "--batch-size", "4", "--keep", "5", *extra]
     whole = tmp_path / "whole"
     assert train(stage, runs["data"], whole, *args) == 0

@@ -39,13 +39,11 @@ import numpy as np
 import torch
 from gr2_policy.model.checkpoint import load_checkpoint
 from gr2_policy.model.policy import GR2Policy
-from gr2_wbc.robots.sim import scene
 from torch.nn.functional import cross_entropy, one_hot
 
-from gr2_training.curriculum import block_masks
+from gr2_training.curriculum import COLOURS, block_masks
 from gr2_training.dataset import EpisodeDataset
 
-COLOURS = tuple(scene.BLOCK_COLOURS)
 MIN_PIXELS = 4
 FEATURES = ("code_vectors", "code_ids", "decoded")
 

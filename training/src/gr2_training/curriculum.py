@@ -36,11 +36,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from gr2_wbc.robots.sim import scene
 
 from gr2_training.dataset import DatasetError, DatasetWriter, EpisodeDataset
 
 # The table as the head and wrist cameras see it under the scene's lights (RGB).
 TABLE_RGB = np.array([217, 210, 196], dtype=np.uint8)
+COLOURS = tuple(scene.BLOCK_COLOURS)
 
 
 def block_masks(image: np.ndarray) -> dict[str, np.ndarray]:
@@ -83,7 +85,7 @@ def one_block(src: str | Path, dst: str | Path) -> int:
     for i in dataset.select(task="touch"):
         episode = dataset.load(i)
         colour = episode.info.extra.get("task", {}).get("colour")
-        if colour not in ("red", "green", "blue"):
+        if colour not in COLOURS:
             raise DatasetError(f"{episode.info.file}: no target colour in its task record")
         writer.add(
             instruction=episode.info.instruction,
@@ -106,8 +108,8 @@ def reference_colours(
 ) -> dict[str, dict[str, np.ndarray]]:
     """view -> colour -> mean RGB (float) of that block's pixels over the first frames of the
     first ``episodes`` touch episodes: what the renderer makes of each block in each view."""
-    sums = {v: {c: np.zeros(3) for c in ("red", "green", "blue")} for v in dataset.meta.views}
-    counts = {v: dict.fromkeys(("red", "green", "blue"), 0) for v in dataset.meta.views}
+    sums = {v: {c: np.zeros(3) for c in COLOURS} for v in dataset.meta.views}
+    counts = {v: dict.fromkeys(COLOURS, 0) for v in dataset.meta.views}
     for i in dataset.select(task="touch")[:episodes]:
         for view, frames in dataset.load(i).images.items():
             for colour, mask in block_masks(frames[0]).items():
@@ -160,7 +162,7 @@ def swap_colours(src: str | Path, dst: str | Path, a: str = "green", b: str = "b
     """Write every touch episode of ``src`` to ``dst`` with blocks ``a`` and ``b`` trading
     colours in every frame, and the instruction renamed to match (a touch of the ``a`` block
     becomes a touch of the ``b`` block standing where it stood). Returns episodes written."""
-    if {a, b} - {"red", "green", "blue"} or a == b:
+    if {a, b} - set(COLOURS) or a == b:
         raise DatasetError(f"--pair needs two different block colours, not {a!r} and {b!r}")
     dataset = EpisodeDataset(src)
     writer = DatasetWriter(dst, dataset.meta)
@@ -172,7 +174,7 @@ def swap_colours(src: str | Path, dst: str | Path, a: str = "green", b: str = "b
         episode = dataset.load(i)
         task_record = dict(episode.info.extra.get("task", {}))
         colour = task_record.get("colour")
-        if colour not in ("red", "green", "blue"):
+        if colour not in COLOURS:
             raise DatasetError(f"{episode.info.file}: no target colour in its task record")
         new_colour = rename.get(colour, colour)
         instruction = episode.info.instruction.replace(f" {colour} ", f" {new_colour} ")

@@ -30,6 +30,7 @@ from gr2_policy.model import GR2Policy, load_checkpoint, save_checkpoint
 from gr2_policy.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
 from gr2_training.train.errors import TrainingError
+from gr2_training.train.settings import Settings
 
 RUN_FORMAT = "gr2-train-run"
 RUN_VERSION = 1
@@ -41,7 +42,10 @@ PERIODIC_DIR = "checkpoints"
 TRAINER_FILE = "trainer.pt"
 STAGES = ("tokenizer", "pretrain", "finetune")
 # Settings that fix the data order and the optimisation: a resume must not change them.
-RESUME_FIXED = ("seed", "batch_size", "clip_length", "world_size", "lr", "steps")
+RESUME_FIXED = ("seed", "batch_size", "clip_length", "world_size", "lr", "steps", "local_weight")
+DEFAULT_SETTINGS = {
+    f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING
+}
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -166,7 +170,8 @@ def check_resumable(run_dir: Path, stage: str, settings: dict[str, Any]) -> dict
             f"--resume: {run_dir} is a {record.get('stage')} run, not a {stage} run; "
             f"resume it with `gr2-train {record.get('stage')} ... --resume`"
         )
-    saved = record.get("settings", {})
+    # a run recorded before a setting existed ran with its default
+    saved = {**DEFAULT_SETTINGS, **record.get("settings", {})}
     changed = [
         f"{key} {saved.get(key)!r} -> {settings.get(key)!r}"
         for key in RESUME_FIXED

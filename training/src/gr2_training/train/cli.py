@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="restart codes unused over N steps at encoder outputs (0: off)",
     )
+    tok.add_argument(
+        "--local-weight",
+        type=float,
+        default=0.0,
+        help="weight of a per-token linear reconstruction of each code's own patch, which "
+        "keeps a small object's colour in its own token (0: off)",
+    )
 
     for name, text in (
         ("pretrain", "video-only pre-training (next-frame tokens; states/actions dropped)"),

@@ -81,6 +81,8 @@ def check_settings(s: Settings) -> None:
             problems.append(f"--{name.replace('_', '-')} must be >= 0")
     if not s.lr > 0 or not 0 <= s.min_lr_ratio <= 1:
         problems.append("--lr must be > 0 and --min-lr-ratio within 0..1")
+    if not s.local_weight >= 0:
+        problems.append("--local-weight must be >= 0")
     for name in ("state_dropout", "start_fraction"):
         if not 0 <= getattr(s, name) <= 1:
             problems.append(f"--{name.replace('_', '-')} must be within 0..1")

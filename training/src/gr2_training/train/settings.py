@@ -48,6 +48,7 @@ class Settings:
     # Tokenizer stage.
     frame_stride: int = 1
     restart_dead_codes_every: int = 100  # 0: off
+    local_weight: float = 0.0  # per-token linear patch reconstruction (VQLoss; 0: off)
     # GPT stages.
     clip_length: int | None = None  # default 2h
     token_cache: str | None = None

@@ -1,6 +1,7 @@
 """The tokenizer stage: train the VQGAN of a GR-2 model on single frames of every view.
 
-Loss: ``VQGAN.training_losses``' objective (L1 reconstruction + codebook + 0.25 commitment).
+Loss: ``VQGAN.training_losses``' objective (L1 reconstruction + codebook + 0.25 commitment),
+optionally with a per-token linear patch reconstruction (``--local-weight``, see ``VQLoss``).
 The perceptual and adversarial terms of a full VQGAN are left out: at 64 px on simulated
 scenes L1 alone gives sharp enough blocks, and they would need pretrained VGG weights and a
 discriminator. Codes that no frame used over ``restart_dead_codes_every`` steps are
@@ -39,12 +40,31 @@ def to_float_images(frames: Tensor) -> Tensor:
     return frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-class VQLoss(nn.Module):
-    """forward(batch, step) -> reconstruction, codebook, commitment, total and the ids."""
+def token_patches(x: Tensor, f: int) -> Tensor:
+    """Float images (B, 3, H, W) -> the f x f patch under each token (B, N, 3*f*f), tokens
+    in the row-major order of ``VQGAN.encode``'s ids."""
+    return F.unfold(x, kernel_size=f, stride=f).transpose(1, 2)
 
-    def __init__(self, vqgan: VQGAN) -> None:
+
+class VQLoss(nn.Module):
+    """forward(batch, step) -> reconstruction, codebook, commitment, [local,] total and the ids.
+
+    With ``local_weight`` > 0, a linear map from each token's code vector to the pixels of its
+    own f x f patch trains alongside, and its mean squared error, so weighted, joins the
+    total. The conv decoder rebuilds a patch from its neighbours' codes too, so with
+    reconstruction alone a small block's colour can spread over several codes; the GPT reads
+    each code through one linear layer, and this term asks every code to say, linearly, what
+    its own patch holds (README, "Why green").
+    """
+
+    def __init__(self, vqgan: VQGAN, local_weight: float = 0.0) -> None:
         super().__init__()
         self.vqgan = vqgan
+        self.local_weight = local_weight
+        self.patch = vqgan.image_size // vqgan.side
+        self.local_head = (
+            nn.Linear(vqgan.codebook.embedding_dim, 3 * self.patch**2) if local_weight > 0 else None
+        )
 
     def forward(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         del step  # no randomness in this loss
@@ -52,13 +72,16 @@ class VQLoss(nn.Module):
         out = self.vqgan(x)
         reconstruction = F.l1_loss(out.reconstruction, x)
         total = reconstruction + out.codebook_loss + COMMITMENT_BETA * out.commitment_loss
-        return {
+        terms = {
             "reconstruction": reconstruction,
             "codebook": out.codebook_loss,
             "commitment": out.commitment_loss,
-            "total": total,
-            "ids": out.ids,
         }
+        if self.local_head is not None:
+            predicted = self.local_head(out.code_vectors).float()
+            terms["local"] = F.mse_loss(predicted, token_patches(x, self.patch))
+            total = total + self.local_weight * terms["local"]
+        return {**terms, "total": total, "ids": out.ids}
 
 
 def encoder_outputs(vqgan: VQGAN, x: Tensor) -> Tensor:
@@ -102,7 +125,7 @@ class TokenizerStage(Stage):
         vq = policy.vqgan
         vq.requires_grad_(True)
         vq.train()  # GR2Policy.train() would put it back in eval mode: the loop never calls it
-        self.module = VQLoss(vq)
+        self.module = VQLoss(vq, s.local_weight)
         self.batches = data_mod.StepBatches(
             self.pool, s.seed, s.batch_size, info.rank, info.world_size
         )
@@ -155,12 +178,19 @@ class TokenizerStage(Stage):
         self.restarted += int(dead.numel())
 
     def extra_state(self) -> dict[str, Any]:
-        return {"since_restart": self.since_restart.cpu(), "restarted": self.restarted}
+        state = {"since_restart": self.since_restart.cpu(), "restarted": self.restarted}
+        head = self.module.local_head
+        if head is not None:  # trained, but not part of the model: resume needs it
+            state["local_head"] = {k: v.cpu() for k, v in head.state_dict().items()}
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if "since_restart" in state:
             self.since_restart.copy_(state["since_restart"])
             self.restarted = int(state["restarted"])
+        head = self.module.local_head
+        if head is not None:  # check_resumable made sure the run had one
+            head.load_state_dict(state["local_head"])
 
     def window_metrics(self) -> dict[str, float]:
         sum_over_ranks_(self.counts, self.info)

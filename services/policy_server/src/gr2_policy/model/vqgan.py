@@ -175,12 +175,14 @@ class Decoder(nn.Module):
 class VQOutput:
     """One training forward pass of the tokenizer.
 
-    reconstruction (B, 3, H, W) in [-1, 1]; ids (B, N) long; codebook_loss and
-    commitment_loss are scalars (unweighted).
+    reconstruction (B, 3, H, W) in [-1, 1]; ids (B, N) long; code_vectors (B, N, D): what
+    the decoder saw (the codes, with the encoder's gradient passed straight through);
+    codebook_loss and commitment_loss are scalars (unweighted).
     """
 
     reconstruction: Tensor
     ids: Tensor
+    code_vectors: Tensor
     codebook_loss: Tensor
     commitment_loss: Tensor
 
@@ -253,7 +255,7 @@ class VQGAN(nn.Module):
         codebook_loss = F.mse_loss(z_q, z.detach())
         commitment_loss = F.mse_loss(z, z_q.detach())
         z_st = z + (z_q - z).detach()
-        return VQOutput(self._reconstruct(z_st), ids, codebook_loss, commitment_loss)
+        return VQOutput(self._reconstruct(z_st), ids, z_st, codebook_loss, commitment_loss)
 
     def training_losses(self, x: Tensor) -> dict[str, Tensor]:
         """The plain VQ objective on float images (B, 3, H, W) in [-1, 1].
