@@ -22,7 +22,7 @@
 # last, mostly real scenes (350 one-block + 1500 real) together with 900 recovery demonstrations
 # (gr2-datagen --detour: a wrong way first, labelled only on the way back), so the closed-loop
 # policy has seen its way back when it strays: 900 steps on that last data, saved in float16.
-# The GPT stages of fine-tuning run under bf16 autocast (--precision bf16).
+# Fine-tuning runs under bf16 autocast (--precision bf16), as pre-training does.
 set -euo pipefail
 WORK=${1:-runs/demo}
 BIN=${BIN:-.venv/bin}
