@@ -550,6 +550,22 @@ def test_token_cache_is_shared_between_runs(tmp_path: Path, runs: dict[str, Path
     assert {p.name: p.stat().st_mtime_ns for p in entries.iterdir()} == stamps
 
 
+def test_a_start_interrupted_while_tokenizing_starts_again_reusing_its_cache(
+    tmp_path: Path, runs: dict[str, Path]
+) -> None:
+    args = ["--steps", "1", "--batch-size", "2", "--init", str(runs["tokenizer"])]
+    assert train("pretrain", runs["data"], tmp_path / "a", *args) == 0
+    # What an interruption during tokenization leaves: RUN_DIR/token_cache and nothing else.
+    out = tmp_path / "b"
+    out.mkdir()
+    shutil.copytree(tmp_path / "a" / "token_cache", out / "token_cache")
+    (entries,) = list((out / "token_cache").iterdir())
+    stamps = {p.name: p.stat().st_mtime_ns for p in entries.iterdir()}
+    assert train("pretrain", runs["data"], out, *args) == 0
+    assert (out / "checkpoint" / "config.json").is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in entries.iterdir()} == stamps
+
+
 # -- errors ------------------------------------------------------------------------------
 
 
@@ -583,6 +599,14 @@ def test_bad_init_and_out_paths_are_refused(
     assert train("pretrain", data, runs["pretrain"], "--init", str(runs["tokenizer"])) == 2
     assert "already holds a pretrain run" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert train("pretrain", data, tmp_path / "notes", "--init", str(runs["tokenizer"])) == 2
+    assert "holds todo.txt, not a gr2-train run" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    assert train("pretrain", data, tmp_path / "file", "--init", str(runs["tokenizer"])) == 2
+    assert "is not a directory" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_run_of_another_stage_or_other_settings(

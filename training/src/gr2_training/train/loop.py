@@ -121,8 +121,18 @@ def _check_run_dir(run_dir: Path, stage: Stage, settings: Settings) -> Path | No
             f"--out {run_dir} already holds a {record.get('stage')} run; pass --resume to "
             "continue it, or choose another --out"
         )
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise TrainingError(f"--out {run_dir} exists and is not an empty directory")
+    if not run_dir.exists():
+        return None
+    if not run_dir.is_dir():
+        raise TrainingError(f"--out {run_dir} exists and is not a directory")
+    # A start interrupted while tokenizing leaves only RUN_DIR/token_cache (its entries are
+    # written atomically and checked against their episode), so a fresh start reuses it.
+    leftovers = sorted(p.name for p in run_dir.iterdir() if p.name != "token_cache")
+    if leftovers:
+        raise TrainingError(
+            f"--out {run_dir} exists and holds {', '.join(leftovers)}, not a gr2-train run; "
+            "choose another --out"
+        )
     return None
 
 
