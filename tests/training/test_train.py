@@ -558,8 +558,8 @@ def test_a_start_interrupted_while_tokenizing_starts_again_reusing_its_cache(
     # What an interruption during tokenization leaves: RUN_DIR/token_cache and nothing else.
     out = tmp_path / "b"
     out.mkdir()
-    shutil.copytree(tmp_path / "a" / "token_cache", out / "token_cache")
-    (entries,) = list((out / "token_cache").iterdir())
+    shutil.copytree(tmp_path / "a" / ckpt.TOKEN_CACHE_DIR, out / ckpt.TOKEN_CACHE_DIR)
+    (entries,) = list((out / ckpt.TOKEN_CACHE_DIR).iterdir())
     stamps = {p.name: p.stat().st_mtime_ns for p in entries.iterdir()}
     assert train("pretrain", runs["data"], out, *args) == 0
     assert (out / "checkpoint" / "config.json").is_file()

@@ -3,7 +3,7 @@
 # the GR-2 training stages on gr2-tiny, on CPU (about 2 h on 2 cores).
 #
 #   bash training/recipes/demo_gr2_tiny.sh [WORK]       # WORK defaults to runs/demo
-#   ABLATION=1 bash training/recipes/demo_gr2_tiny.sh   # also fine-tunes without pre-training (~1 h)
+#   ABLATION=1 bash training/recipes/demo_gr2_tiny.sh   # + fine-tuning without pre-training (~1 h)
 #
 # Every step resumes or is skipped when its output exists, so the script can be re-run after an
 # interruption. The order matters: the tokenizer and the video pre-training saw the first 900

@@ -40,6 +40,7 @@ SUMMARY_FILE = "summary.json"
 FINAL_DIR = "checkpoint"
 PERIODIC_DIR = "checkpoints"
 TRAINER_FILE = "trainer.pt"
+TOKEN_CACHE_DIR = "token_cache"  # the default --token-cache
 STAGES = ("tokenizer", "pretrain", "finetune")
 # Settings that fix the data order and the optimisation: a resume must not change them.
 RESUME_FIXED = ("seed", "batch_size", "clip_length", "world_size", "lr", "steps", "local_weight")

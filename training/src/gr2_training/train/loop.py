@@ -127,7 +127,7 @@ def _check_run_dir(run_dir: Path, stage: Stage, settings: Settings) -> Path | No
         raise TrainingError(f"--out {run_dir} exists and is not a directory")
     # A start interrupted while tokenizing leaves only RUN_DIR/token_cache (its entries are
     # written atomically and checked against their episode), so a fresh start reuses it.
-    leftovers = sorted(p.name for p in run_dir.iterdir() if p.name != "token_cache")
+    leftovers = sorted(p.name for p in run_dir.iterdir() if p.name != ckpt.TOKEN_CACHE_DIR)
     if leftovers:
         raise TrainingError(
             f"--out {run_dir} exists and holds {', '.join(leftovers)}, not a gr2-train run; "

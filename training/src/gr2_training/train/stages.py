@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from gr2_training.dataset import EpisodeDataset
 from gr2_training.train import data as data_mod
 from gr2_training.train.checkpointing import (
+    TOKEN_CACHE_DIR,
     load_policy,
     reconfigure,
     reconfigure_report,
@@ -225,7 +226,7 @@ class GPTStage(Stage):
         train_idx, val_idx = data_mod.select_episodes(
             dataset, tasks=s.tasks, success_only=s.success_only, val_episodes=s.val_episodes
         )
-        cache_root = Path(s.token_cache) if s.token_cache else run_dir / "token_cache"
+        cache_root = Path(s.token_cache) if s.token_cache else run_dir / TOKEN_CACHE_DIR
         everything = train_idx + val_idx
         mine = shard(everything, info.rank, info.world_size)
         advance = progress(f"{self.name}: tokenizing episodes", len(mine))
